@@ -1,0 +1,3 @@
+from liverestore.cli import main
+
+main()

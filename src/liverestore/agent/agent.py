@@ -1,0 +1,137 @@
+"""MediaAgent: the exports of one restore point, their shared scheduler, cache and counters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from liverestore.agent.export import DiskExport
+from liverestore.agent.metrics import Metrics
+from liverestore.agent.nbd.server import NbdServer
+from liverestore.agent.recorder import AccessRecorder
+from liverestore.agent.scheduler import FetchClass, FetchScheduler, Mode
+from liverestore.agent.source import BlockSource, RepositorySource, ThrottledSource
+from liverestore.errors import LiverestoreError
+from liverestore.repository import Repository, RestorePoint
+
+log = logging.getLogger("liverestore.agent")
+
+PERSIST_INTERVAL_S = 1.0
+
+
+@dataclass
+class AgentConfig:
+    cache_dir: Path
+    writable: bool = False
+    repo_latency_ms: float = 0.0
+    repo_mbps: float = 0.0
+    fetch_slots: int = 4
+    mode: Mode = Mode.DEMAND_FIRST
+    access_log: Path | None = None
+
+
+class MediaAgent:
+    def __init__(self, repo: Repository, point: RestorePoint, config: AgentConfig) -> None:
+        self.repo = repo
+        self.point = point
+        self.config = config
+        self.metrics = Metrics()
+        self.recorder = AccessRecorder(config.access_log)
+        self.scheduler = FetchScheduler(slots=config.fetch_slots, mode=config.mode)
+        source: BlockSource = RepositorySource(repo)
+        if config.repo_latency_ms > 0 or config.repo_mbps > 0:
+            source = ThrottledSource(source, config.repo_latency_ms, config.repo_mbps)
+        self.source = source
+        self.cache_dir = config.cache_dir / f"{point.vm}-{point.id}"
+        self.exports: dict[str, DiskExport] = {}
+        for rec in point.record.disks:
+            manifest = repo.load_manifest(rec)
+            name = f"{point.vm}/{rec.name}"
+            self.exports[name] = DiskExport(
+                name,
+                manifest,
+                rec.manifest_id,
+                self.cache_dir,
+                self.scheduler,
+                source,
+                self.metrics,
+                self.recorder,
+                writable=config.writable,
+            )
+        self.server = NbdServer(self.exports)
+        self._persist_task: asyncio.Task[None] | None = None
+
+    def export(self, name: str) -> DiskExport:
+        try:
+            return self.exports[name]
+        except KeyError:
+            raise LiverestoreError(f"no export {name!r} (have: {', '.join(self.exports)})") from None
+
+    async def listen(self, host: str, port: int) -> int:
+        """Start serving on TCP; returns the bound port (useful with port 0)."""
+        try:
+            bound = await self.server.listen_tcp(host, port)
+        except OSError as e:
+            raise LiverestoreError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        self._start_persist()
+        return bound
+
+    async def listen_unix(self, path: Path) -> None:
+        try:
+            await self.server.listen_unix(str(path))
+        except OSError as e:
+            raise LiverestoreError(f"cannot listen on {path}: {e.strerror}") from None
+        self._start_persist()
+
+    def _start_persist(self) -> None:
+        if self._persist_task is None:
+            self._persist_task = asyncio.create_task(self._persist_loop())
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PERSIST_INTERVAL_S)
+            await self.persist()
+
+    async def persist(self) -> None:
+        for e in self.exports.values():
+            await e.flush()
+
+    def set_mode(self, mode: Mode) -> None:
+        self.scheduler.set_mode(mode)
+
+    def prefetch(self, export: str, blocks: Iterable[int], cls: FetchClass) -> list[asyncio.Future[None]]:
+        return self.export(export).prefetch(blocks, cls)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "vm": self.point.vm,
+            "point": self.point.id,
+            "connections": self.server.active_connections,
+            "exports": {
+                name: {
+                    "size": e.size,
+                    "block_size": e.block_size,
+                    "allocated_blocks": sum(1 for _ in e.manifest.allocated_blocks()),
+                    "cached_blocks": e.read_cache.present,
+                    "writable": e.writable,
+                }
+                for name, e in self.exports.items()
+            },
+            "scheduler": self.scheduler.snapshot(),
+            "metrics": self.metrics.as_dict(),
+        }
+
+    async def close(self) -> None:
+        if self._persist_task:
+            self._persist_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._persist_task
+        await self.server.close()
+        await self.scheduler.close()
+        for e in self.exports.values():
+            e.close()
+        self.recorder.close()

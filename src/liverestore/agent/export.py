@@ -1,0 +1,209 @@
+"""One backed-up disk as an NBD export: read-cache in front of the repository, optional COW area.
+
+Every read is served from the local cache file; missing blocks are fetched (through the shared
+scheduler) first. Guest writes, when allowed, go to a separate copy-on-write file at block
+granularity — the repository is never written by the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from liverestore.agent.blockfile import BlockFile
+from liverestore.agent.metrics import Metrics
+from liverestore.agent.nbd import protocol as p
+from liverestore.agent.nbd.export import ExportError
+from liverestore.agent.recorder import AccessRecorder
+from liverestore.agent.scheduler import FetchClass, FetchScheduler
+from liverestore.agent.source import BlockSource
+from liverestore.errors import IntegrityError, RepositoryError
+from liverestore.repository import DiskManifest
+
+log = logging.getLogger("liverestore.export")
+
+
+class DiskExport:
+    def __init__(
+        self,
+        name: str,
+        manifest: DiskManifest,
+        manifest_id: str,
+        cache_dir: Path,
+        scheduler: FetchScheduler,
+        source: BlockSource,
+        metrics: Metrics,
+        recorder: AccessRecorder,
+        writable: bool = False,
+    ) -> None:
+        self.name = name
+        self.manifest = manifest
+        self.size = manifest.virtual_size
+        self.block_size = manifest.block_size
+        self.writable = writable
+        self.description = f"liverestore {name} ({manifest.source_format} backup)"
+        self.scheduler = scheduler
+        self.source = source
+        self.metrics = metrics
+        self.recorder = recorder
+        self.read_cache = BlockFile(
+            cache_dir / f"{manifest.name}.cache", manifest_id, self.size, self.block_size
+        )
+        self.cow = (
+            BlockFile(cache_dir / f"{manifest.name}.cow", manifest_id, self.size, self.block_size)
+            if writable
+            else None
+        )
+        self._cow_lock = asyncio.Lock()
+
+    # -- block bookkeeping ---------------------------------------------------------------------
+    def present(self, idx: int) -> bool:
+        return self.manifest.blocks[idx] is None or self.read_cache.has(idx)
+
+    def blocks_of(self, offset: int, length: int) -> range:
+        if length <= 0:
+            return range(0)
+        return range(offset // self.block_size, (offset + length - 1) // self.block_size + 1)
+
+    @property
+    def missing_blocks(self) -> int:
+        return sum(not self.read_cache.has(i) for i in self.manifest.allocated_blocks())
+
+    async def ensure(self, idx: int, cls: FetchClass) -> None:
+        if self.present(idx):
+            return
+        await self.scheduler.submit((self.name, idx), cls, functools.partial(self._fill, idx))
+
+    async def _fill(self, idx: int, cls: FetchClass) -> None:
+        if self.present(idx):
+            return
+        cid = self.manifest.blocks[idx]
+        try:
+            got = await self.source.fetch(self.manifest, idx)
+        except (IntegrityError, RepositoryError) as e:
+            self.metrics.fetch_errors += 1
+            log.error("%s: block %d (chunk %s) cannot be served: %s", self.name, idx, cid, e)
+            raise ExportError(p.EIO, f"block {idx}: {e}") from None
+        self.read_cache.write_block(idx, got.data)
+        self.metrics.record_fetch(str(cls), len(got.data), got.stored_bytes)
+
+    def prefetch(self, blocks: Iterable[int], cls: FetchClass) -> list[asyncio.Future[None]]:
+        """Queue background copies into the cache; failures are logged by ``_fill``, not raised."""
+        futs = []
+        for idx in blocks:
+            if not self.present(idx):
+                fut = self.scheduler.submit((self.name, idx), cls, functools.partial(self._fill, idx))
+                fut.add_done_callback(_swallow)
+                futs.append(fut)
+        return futs
+
+    # -- NBD export interface ------------------------------------------------------------------
+    async def read(self, offset: int, length: int) -> bytes:
+        t0 = time.monotonic()
+        blocks = self.blocks_of(offset, length)
+        cow = self.cow
+        missing = [i for i in blocks if not self.present(i) and not (cow and cow.has(i))]
+        try:
+            if missing:
+                await asyncio.gather(*(self.ensure(i, FetchClass.DEMAND) for i in missing))
+        except ExportError:
+            self.metrics.read_errors += 1
+            raise
+        if cow is None or not any(cow.has(i) for i in blocks):
+            data = self.read_cache.pread(length, offset)
+        else:
+            parts, pos, end = [], offset, offset + length
+            for i in blocks:
+                seg_end = min(end, (i + 1) * self.block_size)
+                src = cow if cow.has(i) else self.read_cache
+                parts.append(src.pread(seg_end - pos, pos))
+                pos = seg_end
+            data = b"".join(parts)
+        self.metrics.record_read(length, not missing, time.monotonic() - t0)
+        self.recorder.record(self.name, offset, length, not missing)
+        return data
+
+    async def write(self, offset: int, data: bytes) -> None:
+        cow = self._require_cow()
+        view, pos = memoryview(data), offset
+        for i in self.blocks_of(offset, len(data)):
+            seg_end = min(offset + len(data), (i + 1) * self.block_size)
+            full = pos == i * self.block_size and seg_end == i * self.block_size + self.manifest.block_length(
+                i
+            )
+            await self._cow_prepare(i, full)
+            cow.pwrite(view[pos - offset : seg_end - offset], pos)
+            pos = seg_end
+        self.metrics.writes += 1
+        self.metrics.write_bytes += len(data)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(end - offset, self.block_size - offset % self.block_size)
+            await self.write(offset, bytes(n))
+            offset += n
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self.write_zeroes(offset, length)
+
+    async def flush(self) -> None:
+        files = [self.read_cache] + ([self.cow] if self.cow else [])
+
+        def persist_all() -> None:
+            for f in files:
+                f.persist()
+
+        await asyncio.to_thread(persist_all)
+
+    async def cache(self, offset: int, length: int) -> None:
+        await asyncio.gather(*self.prefetch(self.blocks_of(offset, length), FetchClass.PREFETCH))
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        extents: list[tuple[int, int]] = []
+        end, pos = offset + length, offset
+        for i in self.blocks_of(offset, length):
+            allocated = self.manifest.blocks[i] is not None or (self.cow is not None and self.cow.has(i))
+            flags = 0 if allocated else p.STATE_HOLE | p.STATE_ZERO
+            seg_end = min(end, (i + 1) * self.block_size)
+            if extents and extents[-1][1] == flags:
+                extents[-1] = (extents[-1][0] + seg_end - pos, flags)
+            else:
+                extents.append((seg_end - pos, flags))
+            pos = seg_end
+        return extents
+
+    # -- internals -----------------------------------------------------------------------------
+    def _require_cow(self) -> BlockFile:
+        if self.cow is None:
+            raise ExportError(p.EPERM, "export is read-only")
+        return self.cow
+
+    async def _cow_prepare(self, idx: int, full: bool) -> None:
+        """Copy the base block into the COW file before a partial write lands on it."""
+        cow = self._require_cow()
+        if cow.has(idx):
+            return
+        if not full:
+            await self.ensure(idx, FetchClass.DEMAND)
+        async with self._cow_lock:
+            if cow.has(idx):
+                return
+            if not full:
+                start = idx * self.block_size
+                cow.pwrite(self.read_cache.pread(self.manifest.block_length(idx), start), start)
+            cow.mark(idx)
+
+    def close(self) -> None:
+        self.read_cache.close()
+        if self.cow:
+            self.cow.close()
+
+
+def _swallow(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()

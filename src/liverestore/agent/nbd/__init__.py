@@ -1,0 +1,1 @@
+"""NBD wire protocol (fixed newstyle) and the asyncio server speaking it."""

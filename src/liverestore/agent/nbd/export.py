@@ -1,0 +1,36 @@
+"""What the NBD server needs from an export: the seam between wire protocol and storage logic."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class ExportError(Exception):
+    """A request failed; ``errno`` goes on the wire, the message into the log and structured reply."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class NbdExport(Protocol):
+    name: str
+    size: int
+    writable: bool
+    description: str
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+
+    async def write(self, offset: int, data: bytes) -> None: ...
+
+    async def write_zeroes(self, offset: int, length: int) -> None: ...
+
+    async def trim(self, offset: int, length: int) -> None: ...
+
+    async def flush(self) -> None: ...
+
+    async def cache(self, offset: int, length: int) -> None: ...
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``base:allocation`` extents covering [offset, offset+length): (length, NBD_STATE flags)."""
+        ...

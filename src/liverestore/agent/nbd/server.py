@@ -1,0 +1,364 @@
+"""Asyncio NBD server: fixed newstyle handshake and transmission phase.
+
+Requests on one connection run concurrently (QEMU keeps 16 mirror reads in flight) and replies
+may come back out of order, as the protocol allows. A malformed request closes only its own
+connection; everyone else keeps being served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from liverestore.agent.nbd import protocol as p
+from liverestore.agent.nbd.export import ExportError, NbdExport
+
+log = logging.getLogger("liverestore.nbd")
+
+MAX_OPTION_LENGTH = 64 * 1024
+MAX_INFLIGHT_PER_CONNECTION = 64
+META_CONTEXT_ID = 1
+
+
+class ProtocolViolation(Exception):
+    """The peer broke the protocol in a way we cannot answer; its connection is dropped."""
+
+
+@dataclass
+class _Session:
+    structured: bool = False
+    meta_export: str | None = None
+    base_allocation: bool = False
+    no_zeroes: bool = False
+    inflight: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class NbdServer:
+    def __init__(
+        self,
+        exports: Mapping[str, NbdExport],
+        tls: ssl.SSLContext | None = None,
+        on_connection: Callable[[int], None] | None = None,
+    ) -> None:
+        self.exports = exports
+        self.tls = tls
+        self.on_connection = on_connection
+        self._servers: list[asyncio.AbstractServer] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self.active_connections = 0
+
+    async def listen_tcp(self, host: str, port: int) -> int:
+        server = await asyncio.start_server(self._client, host, port, limit=p.MAX_REQUEST + 4096)
+        self._servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def listen_unix(self, path: str) -> None:
+        self._servers.append(await asyncio.start_unix_server(self._client, path, limit=p.MAX_REQUEST + 4096))
+
+    async def close(self) -> None:
+        for s in self._servers:
+            s.close()
+        for t in list(self._connections):
+            t.cancel()
+        for s in self._servers:
+            with contextlib.suppress(Exception):
+                await s.wait_closed()
+        self._servers.clear()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        self.active_connections += 1
+        if self.on_connection:
+            self.on_connection(self.active_connections)
+        peer = writer.get_extra_info("peername")
+        try:
+            await self._serve(reader, writer)
+        except (ProtocolViolation, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as e:
+            log.info("connection %s closed: %s", peer, e or type(e).__name__)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.discard(task)
+            self.active_connections -= 1
+            if self.on_connection:
+                self.on_connection(self.active_connections)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    # -- handshake -----------------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(p.NBDMAGIC + struct.pack(">QH", p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
+        await writer.drain()
+        (cflags,) = struct.unpack(">I", await reader.readexactly(4))
+        if not cflags & p.CLIENT_FLAG_FIXED_NEWSTYLE:
+            raise ProtocolViolation("client does not speak fixed newstyle")
+        if cflags & ~(p.CLIENT_FLAG_FIXED_NEWSTYLE | p.CLIENT_FLAG_NO_ZEROES):
+            raise ProtocolViolation(f"unknown client flags {cflags:#x}")
+        sess = _Session(no_zeroes=bool(cflags & p.CLIENT_FLAG_NO_ZEROES))
+        export = await self._negotiate(reader, writer, sess)
+        if export is not None:
+            await self._transmission(reader, writer, export, sess)
+
+    async def _negotiate(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sess: _Session
+    ) -> NbdExport | None:
+        while True:
+            magic, opt, length = p.OPTION_HEADER.unpack(await reader.readexactly(p.OPTION_HEADER.size))
+            if magic != p.IHAVEOPT:
+                raise ProtocolViolation("bad option magic")
+            if length > MAX_OPTION_LENGTH:
+                raise ProtocolViolation(f"option {opt} is {length} bytes long")
+            data = await reader.readexactly(length)
+
+            def reply(rtype: int, payload: bytes = b"", opt: int = opt) -> None:
+                writer.write(p.option_reply(opt, rtype, payload))
+
+            if opt == p.OPT_EXPORT_NAME:
+                export = self.exports.get(data.decode(errors="replace"))
+                if export is None:
+                    raise ProtocolViolation(f"unknown export {data[:100]!r}")
+                writer.write(struct.pack(">QH", export.size, self._tflags(export, sess)))
+                if not sess.no_zeroes:
+                    writer.write(bytes(124))
+                await writer.drain()
+                return export
+            if opt == p.OPT_ABORT:
+                reply(p.REP_ACK)
+                await writer.drain()
+                return None
+            if opt == p.OPT_LIST:
+                if data:
+                    reply(p.REP_ERR_INVALID)
+                else:
+                    for name in self.exports:
+                        enc = name.encode()
+                        reply(p.REP_SERVER, struct.pack(">I", len(enc)) + enc)
+                    reply(p.REP_ACK)
+            elif opt == p.OPT_STARTTLS:
+                reply(p.REP_ERR_POLICY if self.tls is None else p.REP_ERR_UNSUP)
+            elif opt in (p.OPT_INFO, p.OPT_GO):
+                export = self._info(data, sess, reply)
+                if export is not None and opt == p.OPT_GO:
+                    await writer.drain()
+                    return export
+            elif opt == p.OPT_STRUCTURED_REPLY:
+                if data:
+                    reply(p.REP_ERR_INVALID)
+                else:
+                    sess.structured = True
+                    reply(p.REP_ACK)
+            elif opt in (p.OPT_LIST_META_CONTEXT, p.OPT_SET_META_CONTEXT):
+                self._meta_context(opt, data, sess, reply)
+            else:
+                reply(p.REP_ERR_UNSUP)
+            await writer.drain()
+
+    def _tflags(self, export: NbdExport, sess: _Session) -> int:
+        flags = (
+            p.TFLAG_HAS_FLAGS
+            | p.TFLAG_SEND_FLUSH
+            | p.TFLAG_SEND_FUA
+            | p.TFLAG_CAN_MULTI_CONN
+            | p.TFLAG_SEND_CACHE
+        )
+        if sess.structured:
+            flags |= p.TFLAG_SEND_DF
+        if export.writable:
+            flags |= p.TFLAG_SEND_TRIM | p.TFLAG_SEND_WRITE_ZEROES
+        else:
+            flags |= p.TFLAG_READ_ONLY
+        return flags
+
+    def _info(self, data: bytes, sess: _Session, reply: Callable[[int, bytes], None]) -> NbdExport | None:
+        try:
+            (nlen,) = struct.unpack_from(">I", data, 0)
+            name = data[4 : 4 + nlen].decode()
+            (ninfo,) = struct.unpack_from(">H", data, 4 + nlen)
+            if len(data) != 6 + nlen + 2 * ninfo:
+                raise ValueError
+        except (struct.error, ValueError, UnicodeDecodeError):
+            reply(p.REP_ERR_INVALID, b"malformed NBD_OPT_INFO/GO")
+            return None
+        export = self.exports.get(name)
+        if export is None:
+            reply(p.REP_ERR_UNKNOWN, f"no export named {name[:200]!r}".encode())
+            return None
+        reply(p.REP_INFO, struct.pack(">HQH", p.INFO_EXPORT, export.size, self._tflags(export, sess)))
+        # min 1, preferred 4 KiB, max MAX_REQUEST: tells QEMU to split large requests for us
+        reply(p.REP_INFO, struct.pack(">HIII", p.INFO_BLOCK_SIZE, 1, 4096, p.MAX_REQUEST))
+        if export.description:
+            reply(p.REP_INFO, struct.pack(">H", p.INFO_DESCRIPTION) + export.description.encode()[:1024])
+        reply(p.REP_ACK, b"")
+        if sess.meta_export is not None and sess.meta_export != name:
+            sess.base_allocation = False  # contexts were negotiated for another export
+        return export
+
+    def _meta_context(
+        self, opt: int, data: bytes, sess: _Session, reply: Callable[[int, bytes], None]
+    ) -> None:
+        if not sess.structured:
+            reply(p.REP_ERR_INVALID, b"meta contexts need structured replies")
+            return
+        try:
+            (nlen,) = struct.unpack_from(">I", data, 0)
+            name = data[4 : 4 + nlen].decode()
+            (nq,) = struct.unpack_from(">I", data, 4 + nlen)
+            pos, queries = 8 + nlen, []
+            for _ in range(nq):
+                (qlen,) = struct.unpack_from(">I", data, pos)
+                queries.append(data[pos + 4 : pos + 4 + qlen].decode())
+                if len(queries[-1].encode()) != qlen:
+                    raise ValueError
+                pos += 4 + qlen
+            if pos != len(data):
+                raise ValueError
+        except (struct.error, ValueError, UnicodeDecodeError):
+            reply(p.REP_ERR_INVALID, b"malformed meta context option")
+            return
+        if name not in self.exports:
+            reply(p.REP_ERR_UNKNOWN, b"unknown export")
+            return
+        if opt == p.OPT_LIST_META_CONTEXT and not queries:
+            matched = True
+        else:
+            matched = any(q in (p.BASE_ALLOCATION, "base:") for q in queries)
+        if opt == p.OPT_SET_META_CONTEXT:
+            sess.meta_export = name
+            sess.base_allocation = matched
+        if matched:
+            ctx = p.BASE_ALLOCATION.encode()
+            reply(
+                p.REP_META_CONTEXT,
+                struct.pack(">I", META_CONTEXT_ID if opt == p.OPT_SET_META_CONTEXT else 0) + ctx,
+            )
+        reply(p.REP_ACK, b"")
+
+    # -- transmission --------------------------------------------------------------------------
+    async def _transmission(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, export: NbdExport, sess: _Session
+    ) -> None:
+        lock = asyncio.Lock()
+        slots = asyncio.Semaphore(MAX_INFLIGHT_PER_CONNECTION)
+        try:
+            while True:
+                header = await reader.readexactly(p.REQUEST_HEADER.size)
+                magic, flags, cmd, handle, offset, length = p.REQUEST_HEADER.unpack(header)
+                if magic != p.REQUEST_MAGIC:
+                    raise ProtocolViolation("bad request magic")
+                payload = b""
+                if cmd == p.CMD_WRITE:
+                    if length > p.MAX_REQUEST:
+                        raise ProtocolViolation(f"write of {length} bytes exceeds the maximum")
+                    payload = await reader.readexactly(length)
+                if cmd == p.CMD_DISC:
+                    break
+                await slots.acquire()
+                task = asyncio.create_task(
+                    self._request(writer, lock, export, sess, flags, cmd, handle, offset, length, payload)
+                )
+                sess.inflight.add(task)
+                task.add_done_callback(sess.inflight.discard)
+                task.add_done_callback(lambda _t: slots.release())
+        finally:
+            if sess.inflight:
+                await asyncio.gather(*sess.inflight, return_exceptions=True)
+        await export.flush()
+
+    async def _request(
+        self,
+        writer: asyncio.StreamWriter,
+        lock: asyncio.Lock,
+        export: NbdExport,
+        sess: _Session,
+        flags: int,
+        cmd: int,
+        handle: int,
+        offset: int,
+        length: int,
+        payload: bytes,
+    ) -> None:
+        try:
+            out = await self._execute(export, sess, flags, cmd, handle, offset, length, payload)
+        except ExportError as e:
+            log.warning("%s: command %d at %d+%d failed: %s", export.name, cmd, offset, length, e)
+            out = [self._error(sess, handle, e.errno, str(e))]
+        except Exception as e:  # a bug must cost one request, not the connection
+            log.exception("%s: command %d at %d+%d crashed", export.name, cmd, offset, length)
+            out = [self._error(sess, handle, p.EIO, f"internal error: {type(e).__name__}")]
+        async with lock:
+            if writer.is_closing():
+                return
+            writer.writelines(out)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+
+    @staticmethod
+    def _error(sess: _Session, handle: int, errno: int, message: str) -> bytes:
+        if sess.structured:
+            return p.structured_error(handle, errno, message)
+        return p.simple_reply(errno, handle)
+
+    async def _execute(
+        self,
+        export: NbdExport,
+        sess: _Session,
+        flags: int,
+        cmd: int,
+        handle: int,
+        offset: int,
+        length: int,
+        payload: bytes,
+    ) -> list[bytes]:
+        if cmd not in (p.CMD_FLUSH,) and (offset + length > export.size):
+            raise ExportError(p.EINVAL, f"request {offset}+{length} is past the end ({export.size})")
+        ok = (
+            [p.simple_reply(0, handle)]
+            if not sess.structured
+            else [p.structured_header(p.REPLY_FLAG_DONE, p.REPLY_TYPE_NONE, handle, 0)]
+        )
+        if cmd == p.CMD_READ:
+            if length > p.MAX_REQUEST:
+                raise ExportError(p.EOVERFLOW, f"read of {length} bytes exceeds the maximum")
+            data = await export.read(offset, length)
+            if not sess.structured:
+                return [p.simple_reply(0, handle), data]
+            hdr = p.structured_header(p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA, handle, 8 + length)
+            return [hdr, struct.pack(">Q", offset), data]
+        if cmd in (p.CMD_WRITE, p.CMD_TRIM, p.CMD_WRITE_ZEROES) and not export.writable:
+            raise ExportError(p.EPERM, "export is read-only")
+        if cmd == p.CMD_WRITE:
+            await export.write(offset, payload)
+        elif cmd == p.CMD_WRITE_ZEROES:
+            await export.write_zeroes(offset, length)
+        elif cmd == p.CMD_TRIM:
+            await export.trim(offset, length)
+        elif cmd == p.CMD_FLUSH:
+            await export.flush()
+        elif cmd == p.CMD_CACHE:
+            await export.cache(offset, length)
+        elif cmd == p.CMD_BLOCK_STATUS:
+            if not sess.base_allocation:
+                raise ExportError(p.EINVAL, "no meta context negotiated")
+            if length == 0:
+                raise ExportError(p.EINVAL, "block status of zero length")
+            extents = export.block_status(offset, length)
+            if flags & p.CMD_FLAG_REQ_ONE:
+                extents = extents[:1]
+            body = struct.pack(">I", META_CONTEXT_ID) + b"".join(struct.pack(">II", n, f) for n, f in extents)
+            return [
+                p.structured_header(p.REPLY_FLAG_DONE, p.REPLY_TYPE_BLOCK_STATUS, handle, len(body)),
+                body,
+            ]
+        else:
+            raise ExportError(p.EINVAL, f"unknown command {cmd}")
+        if flags & p.CMD_FLAG_FUA and cmd in (p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM):
+            await export.flush()
+        return ok

@@ -1,0 +1,55 @@
+"""Access recorder: every client read, so boot profiles can be built from what the guest touched."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+MAX_EVENTS = 2_000_000  # ~100 MB worst case; a boot is a few thousand reads
+
+
+@dataclass(frozen=True)
+class AccessEvent:
+    t: float  # time.monotonic()
+    export: str
+    offset: int
+    length: int
+    hit: bool
+
+
+class AccessRecorder:
+    def __init__(self, log_path: Path | None = None) -> None:
+        self.events: list[AccessEvent] = []
+        self.dropped = 0
+        self._file: TextIO | None = open(log_path, "a", buffering=1 << 16) if log_path else None  # noqa: SIM115
+
+    def record(self, export: str, offset: int, length: int, hit: bool) -> None:
+        ev = AccessEvent(time.monotonic(), export, offset, length, hit)
+        if len(self.events) < MAX_EVENTS:
+            self.events.append(ev)
+        else:
+            self.dropped += 1
+        if self._file:
+            self._file.write(
+                json.dumps(
+                    {
+                        "t": round(time.time(), 6),
+                        "export": export,
+                        "offset": offset,
+                        "length": length,
+                        "hit": hit,
+                    }
+                )
+                + "\n"
+            )
+
+    def since(self, t: float, until: float | None = None) -> list[AccessEvent]:
+        return [e for e in self.events if e.t >= t and (until is None or e.t <= until)]
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,60 @@
+"""Where missing blocks come from: the repository, optionally behind filters (nbdkit-style).
+
+``ThrottledSource`` emulates a real dedup appliance or object store: a fixed latency per fetch and
+a shared link bandwidth. Tests and benchmarks need it because a local directory answers in
+microseconds and would hide every scheduling decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from liverestore.repository import DiskManifest, Repository
+
+
+@dataclass(frozen=True)
+class Fetched:
+    data: bytes
+    stored_bytes: int
+
+
+class BlockSource(Protocol):
+    async def fetch(self, manifest: DiskManifest, index: int) -> Fetched: ...
+
+
+class RepositorySource:
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+
+    async def fetch(self, manifest: DiskManifest, index: int) -> Fetched:
+        cid = manifest.blocks[index]
+        assert cid is not None, "zero blocks are never fetched"
+        length = manifest.block_length(index)
+
+        def work() -> Fetched:
+            return Fetched(self.repo.chunks.get(cid, length), self.repo.chunks.stored_size(cid))
+
+        return await asyncio.to_thread(work)
+
+
+class ThrottledSource:
+    def __init__(self, inner: BlockSource, latency_ms: float = 0.0, mbps: float = 0.0) -> None:
+        self.inner = inner
+        self.latency = latency_ms / 1000.0
+        self.bytes_per_s = mbps * 1_000_000 / 8 if mbps > 0 else 0.0
+        self._link_free_at = 0.0
+
+    async def fetch(self, manifest: DiskManifest, index: int) -> Fetched:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        got = await self.inner.fetch(manifest, index)
+        if self.bytes_per_s:
+            # one shared link: transfers queue behind each other, as on a real WAN/SAN port
+            now = time.monotonic()
+            start = max(now, self._link_free_at)
+            self._link_free_at = start + got.stored_bytes / self.bytes_per_s
+            await asyncio.sleep(self._link_free_at - now)
+        return got

@@ -1,0 +1,239 @@
+"""Command line. Every expected failure ends as one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from liverestore.errors import LiverestoreError
+
+log = logging.getLogger("liverestore")
+
+
+def parse_hostport(value: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, str(default_port)
+    try:
+        port_n = int(port)
+        if not 0 <= port_n <= 65535:
+            raise ValueError
+    except ValueError:
+        raise LiverestoreError(f"invalid address {value!r}: expected HOST:PORT") from None
+    return host.strip("[]") or "127.0.0.1", port_n
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "liverestore"
+
+
+def _open_repo(path: Path) -> Any:
+    from liverestore.repository import Repository
+
+    return Repository.open(path)
+
+
+repo_option = click.option(
+    "--repo", "repo_path", type=click.Path(path_type=Path), required=True, help="Repository directory."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.version_option(package_name="liverestore")
+def cli(verbose: int) -> None:
+    """Instant VM recovery from a deduplicated backup repository."""
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+@cli.command()
+@click.argument("repo_path", type=click.Path(path_type=Path))
+@click.option("--block-size", default="1M", show_default=True, help="Block size (64K .. 16M, power of two).")
+def init(repo_path: Path, block_size: str) -> None:
+    """Create an empty repository."""
+    from liverestore.repository import Repository
+
+    repo = Repository.init(repo_path, parse_size(block_size))
+    click.echo(f"created repository {repo_path} (block size {repo.block_size // 1024} KiB)")
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        return int(t[: len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise LiverestoreError(f"invalid size {text!r}: use e.g. 64K, 1M, 2G") from None
+
+
+@cli.command()
+@repo_option
+@click.option("--vm", required=True, help="VM name.")
+@click.option("--config", "configs", multiple=True, type=click.Path(path_type=Path), help="VM config file.")
+@click.argument("disks", nargs=-1, type=click.Path(path_type=Path))
+def backup(repo_path: Path, vm: str, configs: tuple[Path, ...], disks: tuple[Path, ...]) -> None:
+    """Back up DISKS (raw or qcow2) of a VM; prints the new restore point id."""
+    from liverestore.backup import run_backup
+    from liverestore.progress import byte_progress
+
+    repo = _open_repo(repo_path)
+    with byte_progress("backup") as update:
+        point, stats = run_backup(repo, vm, list(disks), list(configs), update)
+    click.echo(point.id)
+    click.echo(
+        f"backed up {len(disks)} disk(s), {stats.bytes_virtual / 2**20:.1f} MiB virtual, "
+        f"{stats.bytes_read / 2**20:.1f} MiB read, {stats.bytes_new_stored / 2**20:.2f} MiB new in repository",
+        err=True,
+    )
+
+
+@cli.command("list")
+@repo_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_cmd(repo_path: Path, as_json: bool) -> None:
+    """VMs, restore points, disks, sizes and dedup ratio."""
+    from liverestore.listing import describe_repository, render_listing
+
+    doc = describe_repository(_open_repo(repo_path))
+    click.echo(json.dumps(doc, indent=2) if as_json else render_listing(doc))
+
+
+@cli.command()
+@repo_option
+@click.option("--vm", required=True)
+@click.option("--point", default=None, help="Restore point id (default: latest).")
+@click.option("--listen", default="127.0.0.1:10809", show_default=True, help="NBD address HOST:PORT.")
+@click.option("--control", default=None, help="Status endpoint HOST:PORT (default: NBD port + 1).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Read-cache directory.")
+@click.option("--writable", is_flag=True, help="Accept writes into a copy-on-write area in the cache.")
+@click.option("--repo-latency-ms", type=float, default=0.0, help="Emulated latency per repository fetch.")
+@click.option("--repo-mbps", type=float, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
+@click.option("--fetch-slots", type=int, default=4, show_default=True, help="Concurrent repository fetches.")
+@click.option("--mode", type=click.Choice(["demand-first", "fair", "fifo"]), default="demand-first")
+@click.option("--access-log", type=click.Path(path_type=Path), default=None, help="JSON-lines log of reads.")
+def serve(
+    repo_path: Path,
+    vm: str,
+    point: str | None,
+    listen: str,
+    control: str | None,
+    cache_dir: Path | None,
+    writable: bool,
+    repo_latency_ms: float,
+    repo_mbps: float,
+    fetch_slots: int,
+    mode: str,
+    access_log: Path | None,
+) -> None:
+    """Serve a restore point's disks over NBD as exports VM/DISK."""
+    from liverestore.agent.agent import AgentConfig, MediaAgent
+    from liverestore.agent.control import ControlServer
+    from liverestore.agent.scheduler import Mode
+
+    if repo_latency_ms < 0 or repo_mbps < 0:
+        raise LiverestoreError("--repo-latency-ms and --repo-mbps must not be negative")
+    if fetch_slots < 2:
+        raise LiverestoreError("--fetch-slots must be at least 2 (one slot is kept for guest reads)")
+    repo = _open_repo(repo_path)
+    rp = repo.get_point(vm, point)
+    host, port = parse_hostport(listen, 10809)
+    chost, cport = parse_hostport(control, port + 1) if control else (host, port + 1 if port else 0)
+    cfg = AgentConfig(
+        cache_dir=cache_dir or default_data_dir() / "cache",
+        writable=writable,
+        repo_latency_ms=repo_latency_ms,
+        repo_mbps=repo_mbps,
+        fetch_slots=fetch_slots,
+        mode=Mode(mode),
+        access_log=access_log,
+    )
+
+    async def main() -> None:
+        agent = MediaAgent(repo, rp, cfg)
+        ctl = ControlServer(agent)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        serving = False
+        try:
+            bound = await agent.listen(host, port)
+            try:
+                cbound = await ctl.listen(chost, cport)
+            except OSError as e:
+                raise LiverestoreError(f"cannot listen on {chost}:{cport} (control): {e.strerror}") from None
+            serving = True
+            for name in agent.exports:
+                click.echo(f"serving nbd://{host}:{bound}/{name}", err=True)
+            click.echo(f"status: http://{chost}:{cbound}/status", err=True)
+            await stop.wait()
+        finally:
+            await ctl.close()
+            await agent.close()
+            if serving:
+                click.echo(json.dumps(agent.status()["metrics"], indent=2), err=True)
+
+    asyncio.run(main())
+
+
+@cli.command()
+@click.option("--control", default="127.0.0.1:10810", show_default=True, help="Agent status HOST:PORT.")
+def status(control: str) -> None:
+    """Show a running agent's counters."""
+    host, port = parse_hostport(control, 10810)
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=5) as r:
+            click.echo(r.read().decode())
+    except (urllib.error.URLError, OSError) as e:
+        raise LiverestoreError(f"no agent answers at {host}:{port}: {getattr(e, 'reason', e)}") from None
+
+
+def main() -> None:
+    run_cli(cli)
+
+
+def run_cli(group: Callable[..., Any]) -> None:
+    """Turn every expected failure into one line and an exit code; never a traceback."""
+    try:
+        group(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("liverestore: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("liverestore: interrupted", err=True)
+        sys.exit(130)
+    except LiverestoreError as e:
+        click.echo(f"liverestore: error: {e}", err=True)
+        sys.exit(1)
+    except OSError as e:
+        click.echo(
+            f"liverestore: error: {e.filename or ''}: {e.strerror or e}".replace(": : ", ": "), err=True
+        )
+        sys.exit(1)
+    except Exception as e:  # a bug: still one line, with a way to see more
+        if os.environ.get("LIVERESTORE_DEBUG"):
+            raise
+        click.echo(
+            f"liverestore: internal error: {type(e).__name__}: {e} (set LIVERESTORE_DEBUG=1 for details)",
+            err=True,
+        )
+        sys.exit(70)

@@ -1,0 +1,16 @@
+"""Validation of VM and disk names: they become NBD export names (``vm/disk``) and file names."""
+
+import re
+
+from liverestore.errors import LiverestoreError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    if not _NAME.match(name):
+        raise LiverestoreError(
+            f"{kind} name {name!r} is invalid: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name

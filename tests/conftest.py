@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from liverestore.agent.agent import AgentConfig
+from liverestore.backup import run_backup
+from liverestore.repository import Repository, RestorePoint
+from tests.helpers import AgentThread, make_disk
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Repository]:
+    r = Repository.init(tmp_path / "repo")
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> tuple[Path, bytes]:
+    path = tmp_path / "src" / "disk0.raw"
+    path.parent.mkdir()
+    return path, make_disk(path)
+
+
+@pytest.fixture
+def point(repo: Repository, disk: tuple[Path, bytes]) -> RestorePoint:
+    return run_backup(repo, "vm1", [disk[0]], [])[0]
+
+
+AgentFactory = Callable[..., AgentThread]
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path) -> Iterator[AgentFactory]:
+    started: list[AgentThread] = []
+
+    def start(repo: Repository, point: RestorePoint, **kw: object) -> AgentThread:
+        kw.setdefault("cache_dir", tmp_path / "cache")
+        a = AgentThread(repo, point, AgentConfig(**kw))  # type: ignore[arg-type]
+        started.append(a)
+        return a
+
+    yield start
+    for a in started:
+        a.close()

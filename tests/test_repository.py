@@ -1,0 +1,115 @@
+"""Repository format: dedup, zero blocks, integrity, formats, atomic points."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from liverestore.backup import run_backup
+from liverestore.errors import DiskFormatError, IntegrityError, LiverestoreError, RepositoryError
+from liverestore.repository import Repository
+from tests.helpers import MiB, make_disk
+
+
+def test_backup_roundtrip_and_zero_blocks_not_stored(repo: Repository, disk: tuple[Path, bytes]) -> None:
+    path, content = disk
+    point, stats = run_backup(repo, "vm1", [path], [])
+    manifest = repo.load_manifest(point.record.disks[0])
+    assert manifest.virtual_size == len(content)
+    rebuilt = bytearray()
+    for i, cid in enumerate(manifest.blocks):
+        n = manifest.block_length(i)
+        rebuilt += bytes(n) if cid is None else repo.chunks.get(cid, n)
+    assert bytes(rebuilt) == content
+    # blocks 10 and 11 were explicit zeros, block 5 a hole: none stored
+    assert manifest.blocks[10] is None and manifest.blocks[11] is None and manifest.blocks[5] is None
+    assert stats.blocks_zero == sum(c is None for c in manifest.blocks)
+    # the repeated text block compresses well: stored bytes < data bytes
+    assert stats.bytes_new_stored < manifest.allocated_bytes
+
+
+def test_second_backup_stores_nothing_new_and_dedups_across_vms(
+    repo: Repository, disk: tuple[Path, bytes]
+) -> None:
+    path, _ = disk
+    _, first = run_backup(repo, "vm1", [path], [])
+    _, second = run_backup(repo, "vm1", [path], [])
+    _, other_vm = run_backup(repo, "vm2", [path], [])
+    assert first.bytes_new_stored > 1 * MiB
+    assert second.bytes_new_stored == 0 and second.blocks_new == 0
+    assert other_vm.bytes_new_stored == 0
+    assert len(repo.points("vm1")) == 2
+
+
+def test_incremental_change_stores_only_changed_block(repo: Repository, disk: tuple[Path, bytes]) -> None:
+    path, _ = disk
+    run_backup(repo, "vm1", [path], [])
+    with open(path, "r+b") as f:
+        f.seek(30 * MiB + 7)
+        f.write(b"changed")
+    _, stats = run_backup(repo, "vm1", [path], [])
+    assert stats.blocks_new == 1
+
+
+def test_qcow2_source_matches_raw(repo: Repository, disk: tuple[Path, bytes], tmp_path: Path) -> None:
+    path, _ = disk
+    q = tmp_path / "disk0.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(path), str(q)], check=True)
+    raw_point, _ = run_backup(repo, "a", [path], [])
+    q_point, stats = run_backup(repo, "b", [q], [])
+    m_raw = repo.load_manifest(raw_point.record.disks[0])
+    m_q = repo.load_manifest(q_point.record.disks[0])
+    assert m_raw.blocks == m_q.blocks and m_q.source_format == "qcow2"
+    assert stats.bytes_new_stored == 0
+
+
+def test_configs_are_stored(repo: Repository, disk: tuple[Path, bytes], tmp_path: Path) -> None:
+    cfg = tmp_path / "vm1.xml"
+    cfg.write_text("<domain><name>vm1</name></domain>")
+    point, _ = run_backup(repo, "vm1", [disk[0]], [cfg])
+    assert [c.filename for c in point.record.configs] == ["vm1.xml"]
+    assert repo.read_config(point.record.configs[0]) == cfg.read_bytes()
+
+
+def test_corrupt_chunk_is_an_error_never_data(repo: Repository, point: object) -> None:
+    cid = next(c for c in repo.load_manifest(repo.get_point("vm1").record.disks[0]).blocks if c)
+    path = repo.root / "chunks" / cid[:2] / cid[2:]
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(IntegrityError, match=cid):
+        repo.chunks.get(cid, 1 * MiB)
+
+
+def test_bad_inputs(tmp_path: Path, repo: Repository, disk: tuple[Path, bytes]) -> None:
+    with pytest.raises(RepositoryError, match="does not exist"):
+        Repository.open(tmp_path / "nope")
+    with pytest.raises(RepositoryError, match="block size"):
+        Repository.init(tmp_path / "r2", block_size=1000)
+    with pytest.raises(RepositoryError, match="block size"):
+        Repository.init(tmp_path / "r3", block_size=32 * 1024)
+    with pytest.raises(RepositoryError, match="has no backups"):
+        repo.get_point("ghost")
+    run_backup(repo, "vm1", [disk[0]], [])
+    with pytest.raises(RepositoryError, match="does not exist"):
+        repo.get_point("vm1", "ffffffffffff")
+    vmdk = tmp_path / "d.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(vmdk), "16M"], check=True)
+    with pytest.raises(DiskFormatError, match="vmdk"):
+        run_backup(repo, "vm1", [vmdk], [])
+    with pytest.raises(LiverestoreError, match="VM name"):
+        run_backup(repo, "bad/name", [disk[0]], [])
+
+
+def test_truncated_qcow2_is_rejected_and_leaves_no_point(repo: Repository, tmp_path: Path) -> None:
+    raw = tmp_path / "x.raw"
+    make_disk(raw, 16 * MiB)
+    q = tmp_path / "x.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(q)], check=True)
+    with open(q, "r+b") as f:
+        f.truncate(q.stat().st_size // 2)
+    with pytest.raises(DiskFormatError):
+        run_backup(repo, "vmq", [q], [])
+    assert repo.points("vmq") == []
