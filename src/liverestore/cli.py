@@ -124,7 +124,7 @@ def list_cmd(repo_path: Path, as_json: bool) -> None:
 @click.option("--writable", is_flag=True, help="Accept writes into a copy-on-write area in the cache.")
 @click.option("--repo-latency-ms", type=float, default=0.0, help="Emulated latency per repository fetch.")
 @click.option("--repo-mbps", type=float, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
-@click.option("--fetch-slots", type=int, default=4, show_default=True, help="Concurrent repository fetches.")
+@click.option("--fetch-slots", type=int, default=32, show_default=True, help="Concurrent repository fetches.")
 @click.option("--mode", type=click.Choice(["demand-first", "fair", "fifo"]), default="demand-first")
 @click.option("--access-log", type=click.Path(path_type=Path), default=None, help="JSON-lines log of reads.")
 def serve(
@@ -205,6 +205,12 @@ def status(control: str) -> None:
 
 
 def main() -> None:
+    from liverestore.commands_restore import profile, restore
+    from liverestore.demo import demo
+
+    cli.add_command(restore)
+    cli.add_command(profile)
+    cli.add_command(demo)
     run_cli(cli)
 
 

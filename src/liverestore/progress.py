@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 
@@ -29,3 +30,29 @@ def byte_progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
             prog.update(tasks[name], completed=done)
 
         yield update
+
+
+@contextmanager
+def restore_display(enabled: bool) -> Iterator[Callable[[Any], None] | None]:
+    """Live one-panel view of a restore: phase, % relocated, cache hit rate, repository MB/s."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    def render(s: Any) -> Table:
+        t = Table.grid(padding=(0, 2))
+        t.add_row(
+            f"[bold]{s.phase}[/bold]",
+            f"{s.elapsed_s:6.1f} s",
+            f"relocated {100 * s.relocated_fraction:5.1f} %",
+            f"cache hit {100 * s.hit_rate:5.1f} %",
+            f"cached {s.cached_blocks}/{s.allocated_blocks} blocks",
+            f"repo {s.fetched_bytes / 2**20:7.1f} MiB ({s.fetch_mbps:5.1f} MB/s)",
+        )
+        return t
+
+    with Live(console=Console(stderr=True), refresh_per_second=4, transient=False) as live:
+        yield lambda s: live.update(render(s))

@@ -29,7 +29,7 @@ class AgentConfig:
     writable: bool = False
     repo_latency_ms: float = 0.0
     repo_mbps: float = 0.0
-    fetch_slots: int = 4
+    fetch_slots: int = 32
     mode: Mode = Mode.DEMAND_FIRST
     access_log: Path | None = None
 

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from liverestore.agent.blockfile import BlockFile
@@ -59,6 +59,7 @@ class DiskExport:
             else None
         )
         self._cow_lock = asyncio.Lock()
+        self.read_observers: list[Callable[[int, int], None]] = []  # e.g. the set-3 cursor tracker
 
     # -- block bookkeeping ---------------------------------------------------------------------
     def present(self, idx: int) -> bool:
@@ -104,6 +105,8 @@ class DiskExport:
     # -- NBD export interface ------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes:
         t0 = time.monotonic()
+        for observe in self.read_observers:  # before waiting: set 3 must see the mirror's intent early
+            observe(offset, length)
         blocks = self.blocks_of(offset, length)
         cow = self.cow
         missing = [i for i in blocks if not self.present(i) and not (cow and cow.has(i))]

@@ -1,0 +1,74 @@
+"""Prefetchers that feed the scheduler: background copy (set 2) and relocation-ahead (set 3).
+
+Set 3 watches the mirror's cursor through the reads the agent itself serves — QEMU's mirror
+reads the source strictly ascending in 1 MiB requests, far larger than any guest read during
+normal running — and keeps the cache a window of blocks ahead of it. QEMU's job progress is no
+use for this: it counts skipped holes too, so it says nothing about where the reads are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from liverestore.agent.export import DiskExport
+from liverestore.agent.scheduler import FetchClass
+
+log = logging.getLogger("liverestore.prefetch")
+
+MIRROR_READ_MIN = 512 * 1024  # reads at least this long are taken to be the mirror's
+
+
+def relocation_order(export: DiskExport) -> list[int]:
+    """The order the mirror will copy in: allocated blocks, ascending."""
+    return list(export.manifest.allocated_blocks())
+
+
+def start_background(export: DiskExport) -> int:
+    """Set 2: queue every block not yet cached, in relocation order, at the lowest priority."""
+    return len(export.prefetch(relocation_order(export), FetchClass.PREFETCH))
+
+
+class RelocationPrefetcher:
+    def __init__(self, export: DiskExport, window_blocks: int = 64) -> None:
+        self.export = export
+        self.window = window_blocks
+        self.cursor = 0  # byte offset just past the highest mirror read seen
+        self.issued = 0
+        self.ahead_to = -1
+        self._moved = asyncio.Event()
+        self._last_log = 0.0
+
+    def observe(self, offset: int, length: int) -> None:
+        if length >= MIRROR_READ_MIN and offset + length > self.cursor:
+            self.cursor = offset + length
+            self._moved.set()
+
+    async def run(self) -> None:
+        self.export.read_observers.append(self.observe)
+        try:
+            order = relocation_order(self.export)
+            pos = 0
+            bs = self.export.block_size
+            while pos < len(order):
+                limit = self.cursor // bs + self.window
+                batch = []
+                while pos < len(order) and order[pos] <= limit:
+                    batch.append(order[pos])
+                    pos += 1
+                if batch:
+                    self.issued += len(self.export.prefetch(batch, FetchClass.RELOCATION))
+                    self.ahead_to = batch[-1]
+                now = time.monotonic()
+                if now - self._last_log > 1.0:
+                    self._last_log = now
+                    log.info(
+                        "set3 %s: mirror cursor at block %d, prefetched ahead to block %d (+%d), %d issued",
+                        self.export.name, self.cursor // bs, self.ahead_to, self.ahead_to - self.cursor // bs,
+                        self.issued,
+                    )  # fmt: skip
+                self._moved.clear()
+                await self._moved.wait()
+        finally:
+            self.export.read_observers.remove(self.observe)

@@ -1,0 +1,182 @@
+"""CLI commands for restoring: ``restore``, ``profile`` and ``demo``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from liverestore import profile as profiles
+from liverestore.errors import LiverestoreError
+from liverestore.progress import restore_display
+from liverestore.repository import Repository
+from liverestore.restore import InstantRestore, RestoreOptions, RestoreReport, classic_restore
+
+
+def run_cancellable(coro: Any) -> Any:
+    """Run ``coro``; SIGINT/SIGTERM cancel it so its cleanup (abort, remove partials) runs."""
+
+    async def main() -> Any:
+        task = asyncio.ensure_future(coro)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
+
+    return asyncio.run(main())
+
+
+def render_report(r: RestoreReport) -> str:
+    phases = ", ".join(f"{k} {v:.2f}s" for k, v in r.phases.items())
+    lines = [
+        f"{r.mode} restore of {r.vm} (point {r.point}): booted in {r.time_to_boot_s:.2f} s "
+        f"({r.boot_after_launch_s:.2f} s after launch)",
+        f"  phases: {phases}",
+        f"  repository: {r.blocks_fetched} blocks, {r.bytes_fetched / 2**20:.1f} MiB fetched "
+        f"({r.bytes_fetched_stored / 2**20:.1f} MiB transferred)",
+    ]
+    if r.mode == "instant":
+        lines.append(
+            f"  reads: {r.reads} ({r.reads_from_cache} from cache, {r.reads_from_repository} via repository, "
+            f"hit rate {100 * r.hit_rate:.1f} %); boot reads from cache {r.boot_reads_from_cache}/{r.boot_reads}; "
+            f"profile {r.profile_prefetched}/{r.profile_blocks} blocks prefetched"
+        )
+    for disk, path in r.destinations.items():
+        lines.append(f"  disk {disk}: {path}")
+    return "\n".join(lines)
+
+
+def options_from(kw: dict[str, Any]) -> RestoreOptions:
+    from liverestore.cli import default_data_dir
+
+    if kw["repo_latency_ms"] < 0 or kw["repo_mbps"] < 0:
+        raise LiverestoreError("--repo-latency-ms and --repo-mbps must not be negative")
+    return RestoreOptions(
+        vm=kw["vm"], point=kw["point"], dest=kw["dest"],
+        cache_dir=kw["cache_dir"] or default_data_dir() / "cache",
+        relocate=not kw["no_relocate"], use_profile=not kw["no_profile"],
+        repo_latency_ms=kw["repo_latency_ms"], repo_mbps=kw["repo_mbps"],
+        boot_marker=kw["boot_marker"] or None, boot_window_s=kw["boot_window"], accel=kw["accel"],
+        memory_mb=kw["memory"],
+    )  # fmt: skip
+
+
+@click.command()
+@click.option("--repo", "repo_path", type=click.Path(path_type=Path), required=True)
+@click.option("--vm", required=True)
+@click.option("--point", default=None, help="Restore point id (default: latest).")
+@click.option("--instant/--classic", default=True, help="Boot from backup now (default) or copy first.")
+@click.option("--dest", type=click.Path(path_type=Path), required=True, help="Primary storage directory.")
+@click.option("--no-relocate", is_flag=True, help="Keep running from backup; do not move the disks.")
+@click.option("--no-profile", is_flag=True, help="Ignore the stored boot profile.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--repo-latency-ms", type=float, default=0.0, help="Emulated latency per repository fetch.")
+@click.option("--repo-mbps", type=float, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
+@click.option(
+    "--boot-marker", default="BOOT-OK", show_default=True, help="Serial text meaning 'up' ('' = none)."
+)
+@click.option("--boot-window", type=float, default=20.0, help="Seconds counted as boot without a marker.")
+@click.option("--accel", default="tcg", show_default=True, help="QEMU accelerator (tcg or kvm).")
+@click.option("--memory", type=int, default=512, show_default=True, help="Guest memory in MiB.")
+@click.option("--stop-after", is_flag=True, help="Power the VM off once restored (tests, demos).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def restore(**kw: Any) -> None:
+    """Restore a VM: instantly from backup (then relocate live), or classically (copy, then boot)."""
+    repo = Repository.open(kw["repo_path"])
+    opts = options_from(kw)
+
+    async def go() -> RestoreReport:
+        with restore_display(not kw["as_json"]) as show:
+            if not kw["instant"]:
+                report, vm = await classic_restore(repo, opts)
+                if kw["stop_after"]:
+                    await vm.stop()
+                return report
+            job = InstantRestore(repo, opts, show)
+            report = await job.run()
+            if not opts.relocate:
+                click.echo(
+                    f"VM is running from backup; serial log {report.serial_log}. Ctrl-C stops it.", err=True
+                )
+                try:
+                    while job.vm is not None and job.vm.running:
+                        await asyncio.sleep(1)
+                finally:
+                    await job.close(stop_vm=True)
+            else:
+                await job.close(stop_vm=kw["stop_after"])
+            return report
+
+    report = run_cancellable(go())
+    click.echo(json.dumps(report.as_dict(), indent=2) if kw["as_json"] else render_report(report))
+
+
+@click.group()
+def profile() -> None:
+    """Show or manage a VM's boot profile."""
+
+
+@profile.command("show")
+@click.option("--repo", "repo_path", type=click.Path(path_type=Path), required=True)
+@click.option("--vm", required=True)
+@click.option("--json", "as_json", is_flag=True)
+def profile_show(repo_path: Path, vm: str, as_json: bool) -> None:
+    repo = Repository.open(repo_path)
+    repo.get_point(vm)  # a clear error for an unknown VM
+    summary = profiles.summarize(repo.catalog.get_profile(vm))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    elif not summary["runs"]:
+        click.echo(f"VM {vm} has no boot profile yet (it is recorded during the next instant restore)")
+    else:
+        click.echo(f"VM {vm}: profile from {summary['runs']} run(s)")
+        for d, info in summary["disks"].items():
+            click.echo(f"  disk {d}: {info['blocks']} blocks ({info['bytes'] / 2**20:.1f} MiB)")
+
+
+@profile.command("clear")
+@click.option("--repo", "repo_path", type=click.Path(path_type=Path), required=True)
+@click.option("--vm", required=True)
+def profile_clear(repo_path: Path, vm: str) -> None:
+    repo = Repository.open(repo_path)
+    removed = repo.catalog.delete_profile(vm)
+    click.echo(f"profile of {vm} {'cleared' if removed else 'did not exist'}")
+
+
+@profile.command("record")
+@click.option("--repo", "repo_path", type=click.Path(path_type=Path), required=True)
+@click.option("--vm", required=True)
+@click.option("--point", default=None)
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--work-dir", type=click.Path(path_type=Path), required=True, help="Scratch space for the VM.")
+@click.option("--boot-marker", default="BOOT-OK", show_default=True)
+@click.option("--boot-window", type=float, default=20.0)
+@click.option("--accel", default="tcg", show_default=True)
+def profile_record(**kw: Any) -> None:
+    """Boot the VM from backup once (no relocation), record its boot reads, power it off."""
+    repo = Repository.open(kw["repo_path"])
+    kw.update(dest=kw.pop("work_dir"), no_relocate=True, no_profile=True, repo_latency_ms=0.0, repo_mbps=0.0,
+              memory=512)  # fmt: skip
+    opts = options_from(kw)
+
+    async def go() -> RestoreReport:
+        job = InstantRestore(repo, opts)
+        try:
+            return await job.run()
+        finally:
+            await job.close(stop_vm=True)
+
+    report = run_cancellable(go())
+    summary = profiles.summarize(repo.catalog.get_profile(report.vm))
+    blocks = sum(d["blocks"] for d in summary["disks"].values())
+    click.echo(f"recorded {report.boot_reads} boot reads; profile of {report.vm} now {blocks} blocks "
+               f"from {summary['runs']} run(s)")  # fmt: skip
+    sys.stdout.flush()

@@ -1,0 +1,44 @@
+#!/bin/busybox sh
+# liverestore test guest: load virtio, mount the data partition, verify the payload (a realistic
+# boot read pattern), print BOOT-OK, then keep writing a heartbeat and obey console commands.
+/bin/busybox mkdir -p /proc /sys /dev /mnt /tmp
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev 2>/dev/null
+for m in virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_pci virtio_blk; do
+    insmod /lib/modules/$m.ko 2>/dev/null
+done
+n=0
+while [ ! -b /dev/vda2 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+echo "GUEST-MOUNTING"
+if ! mount -t ext4 -o noatime /dev/vda2 /mnt; then
+    echo "BOOT-FAIL mount"
+    poweroff -f
+fi
+verify() {
+    cd /mnt/payload && md5sum -c -s /mnt/MD5SUMS && echo "$1-OK" || echo "$1-FAIL"
+    cd /
+}
+verify BOOT
+beat=0
+while true; do
+    cmd=""
+    read -t 2 cmd
+    case "$cmd" in
+        verify)
+            sync; echo 3 > /proc/sys/vm/drop_caches
+            verify VERIFY ;;
+        write)
+            dd if=/dev/urandom of=/mnt/scratch.bin bs=1M count=4 2>/dev/null; sync
+            echo "WRITE-OK" ;;
+        halt)
+            sync; mount -o remount,ro /mnt; sync
+            echo "HALTED"
+            poweroff -f ;;
+    esac
+    beat=$((beat + 1))
+    echo "beat $beat $(date +%s)" >> /mnt/heartbeat.log
+    sync
+    echo "HEARTBEAT $beat"
+done
