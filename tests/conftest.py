@@ -10,6 +10,8 @@ from liverestore.backup import run_backup
 from liverestore.repository import Repository, RestorePoint
 from tests.helpers import AgentThread, make_disk
 
+pytest_plugins = ["tests.vmfixtures"]
+
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Iterator[Repository]:

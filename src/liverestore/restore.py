@@ -222,12 +222,16 @@ class InstantRestore:
                 futs += self.agent.prefetch(name, [b for b in blocks if b < self.agent.exports[name].manifest.block_count],
                                             FetchClass.PREFETCH)  # fmt: skip
         if futs:
-            done, pending = await asyncio.wait(futs, timeout=opts.prefetch_budget_s)
+            _done, pending = await asyncio.wait(futs, timeout=opts.prefetch_budget_s)
             if pending:
                 log.warning("profile prefetch budget of %.0f s used up; %d blocks left to fetch on demand",
                             opts.prefetch_budget_s, len(pending))  # fmt: skip
             self.report.profile_prefetched = sum(
-                1 for f in done if not f.cancelled() and f.exception() is None
+                1
+                for disk, blocks in plan.items()
+                if (e := self.agent.exports.get(f"{self.point.vm}/{disk}")) is not None
+                for b in blocks
+                if b < e.manifest.block_count and e.present(b)
             )
 
         # launch

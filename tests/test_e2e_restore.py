@@ -1,0 +1,173 @@
+"""End to end: a real guest boots from the backup, is relocated live, pivots and keeps running."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from liverestore.restore import InstantRestore, RestoreOptions, RestoreReport, state_path
+from tests.helpers import MiB
+from tests.vmfixtures import VmBackup, backup_digest, boot_local, extract
+
+CHUNK = 64 * 1024
+
+
+def test_instant_restore_relocate_pivot_and_keep_running(
+    vm_backup: VmBackup, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    repo = vm_backup.open_repo()
+    point = repo.get_point("testvm")
+    before = backup_digest(repo, point)
+    dest = tmp_path / "primary"
+    opts = RestoreOptions(vm="testvm", dest=dest, cache_dir=tmp_path / "cache", repo_latency_ms=3,
+                          use_profile=False, record_profile=False)  # fmt: skip
+
+    async def go() -> tuple[RestoreReport, str]:
+        job = InstantRestore(repo, opts)
+        try:
+            report = await job.run()
+            assert job.agent is None  # released after the pivot
+            vm = job.vm
+            assert vm is not None and vm.running
+            mark = len(vm.serial_output())
+            await vm.send_console("write")  # guest writes land on primary storage now
+            await vm.wait_for_console("WRITE-OK", 60, start=mark)
+            await vm.send_console("verify")  # every payload file re-read, from the relocated disk
+            await vm.wait_for_console("VERIFY-OK", 120, start=mark)
+            await asyncio.sleep(2.5)  # a heartbeat or two
+            await vm.send_console("halt")
+            await vm.wait_for_console("HALTED", 60, start=mark)
+            await vm.stop(graceful_timeout=20)
+            return report, vm.serial_output()
+        finally:
+            await job.close()
+
+    report, serial = asyncio.run(go())
+    assert "BOOT-OK" in serial and "VERIFY-FAIL" not in serial and "HEARTBEAT" in serial
+    assert report.relocated and set(report.destinations) == {"testvm", "data"}
+    assert report.relocation_prefetched > 0, report.fetched_by_class
+
+    # nothing partial left; the state file says complete
+    assert not list(dest.glob("*.partial"))
+    assert json.loads(state_path(dest, "testvm").read_text())["state"] == "complete"
+
+    # the second disk was relocated in the same pivot and is block-identical
+    r = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(vm_backup.data_disk),
+                        report.destinations["data"]], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    # the boot disk differs from the backup only inside the guest's filesystem (where it wrote)
+    img = vm_backup.image
+    src, dst = img.path.read_bytes(), Path(report.destinations["testvm"]).read_bytes()
+    assert len(src) == len(dst)
+    changed = [o for o in range(0, len(src), CHUNK) if src[o : o + CHUNK] != dst[o : o + CHUNK]]
+    assert changed, "the guest's writes must be on the destination"
+    assert all(img.data_partition_offset <= o < img.size for o in changed)
+    assert len(changed) * CHUNK < 32 * MiB
+    # the destination stays sparse: not much more allocated than the data it holds
+    assert os.stat(report.destinations["testvm"]).st_blocks * 512 < 300 * MiB
+
+    part = extract(Path(report.destinations["testvm"]), img.data_partition_offset, img.data_partition_size,
+                   tmp_path / "p2.img")  # fmt: skip
+    fsck = subprocess.run(["e2fsck", "-f", "-n", str(part)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+    # logs: the scheduler switched for relocation and set 3 ran ahead of the mirror
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert any("scheduler mode demand-first -> fair" in m for m in messages)
+    ahead = [m for m in messages if m.startswith("set3 ") and "prefetched ahead to block" in m]
+    assert ahead, messages[-20:]
+    assert any(int(m.split("(+")[1].split(")")[0]) > 0 for m in ahead)
+
+    assert backup_digest(repo, point) == before  # the backup is byte-identical
+
+
+def test_profile_makes_boot_fast_on_a_slow_repository(vm_backup: VmBackup, tmp_path: Path) -> None:
+    repo = vm_backup.open_repo()
+    repo.catalog.delete_profile("testvm")
+    local = boot_local(vm_backup.image.path, tmp_path)
+
+    def instant(run: int, use_profile: bool) -> RestoreReport:
+        opts = RestoreOptions(vm="testvm", dest=tmp_path / f"d{run}", cache_dir=tmp_path / f"c{run}",
+                              relocate=False, use_profile=use_profile, repo_latency_ms=10)  # fmt: skip
+
+        async def go() -> RestoreReport:
+            job = InstantRestore(repo, opts)
+            try:
+                return await job.run()
+            finally:
+                await job.close()
+
+        return asyncio.run(go())
+
+    cold = instant(1, use_profile=False)  # records the profile
+    warm = instant(2, use_profile=True)
+    print(f"time to boot: local {local:.2f} s, instant without profile {cold.time_to_boot_s:.2f} s, "
+          f"with profile {warm.time_to_boot_s:.2f} s (prefetch {warm.phases['prefetch']:.2f} s)")  # fmt: skip
+    assert warm.profile_blocks > 1000 and warm.profile_prefetched == warm.profile_blocks
+    assert warm.boot_reads_from_cache == warm.boot_reads  # the profile covered the whole boot
+    assert warm.time_to_boot_s <= 1.5 * local
+    assert cold.time_to_boot_s >= 3 * warm.time_to_boot_s
+
+
+def _lr(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "liverestore", *args], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+
+
+def test_cli_instant_and_classic_restore(vm_backup: VmBackup, tmp_path: Path) -> None:
+    repo = str(vm_backup.repo_path)
+    r = _lr("restore", "--repo", repo, "--vm", "testvm", "--instant", "--dest", str(tmp_path / "i"),
+            "--cache-dir", str(tmp_path / "c"), "--stop-after", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["relocated"] and doc["time_to_boot_s"] > 0 and set(doc["phases"]) >= {
+        "plan", "prefetch", "launch", "run", "relocate", "pivot"}  # fmt: skip
+    assert doc["reads_from_cache"] + doc["reads_from_repository"] == doc["reads"]
+    assert Path(doc["destinations"]["testvm"]).exists()
+
+    r = _lr("restore", "--repo", repo, "--vm", "testvm", "--classic", "--dest", str(tmp_path / "k"),
+            "--stop-after", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    classic = json.loads(r.stdout)
+    assert classic["mode"] == "classic" and classic["time_to_boot_s"] > classic["boot_after_launch_s"]
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(vm_backup.image.path),
+                          classic["destinations"]["testvm"]], capture_output=True, text=True)  # fmt: skip
+    assert cmp.returncode in (0, 1)  # the guest has written to its disk by now; it must open and compare
+
+    shown = _lr("profile", "show", "--repo", repo, "--vm", "testvm", "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)["runs"] >= 1
+
+    again = _lr("restore", "--repo", repo, "--vm", "testvm", "--dest", str(tmp_path / "i"), "--stop-after")
+    assert again.returncode != 0 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_ctrl_c_leaves_nothing_that_looks_complete(vm_backup: VmBackup, tmp_path: Path) -> None:
+    dest = tmp_path / "primary"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "liverestore", "restore", "--repo", str(vm_backup.repo_path), "--vm", "testvm",
+         "--dest", str(dest), "--cache-dir", str(tmp_path / "c"), "--no-profile", "--repo-latency-ms", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (dest / ".testvm.vm" / "serial.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # mid-boot, reading from the agent
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert not list(dest.glob("*.raw")) and not list(dest.glob("*.partial"))
+    assert json.loads(state_path(dest, "testvm").read_text())["state"] == "aborted"
+    ps = subprocess.run(["pgrep", "-f", str(dest)], capture_output=True, text=True)
+    assert ps.stdout.strip() == "", "QEMU must not outlive an aborted restore"
