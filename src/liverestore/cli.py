@@ -118,7 +118,9 @@ def list_cmd(repo_path: Path, as_json: bool) -> None:
 @repo_option
 @click.option("--vm", required=True)
 @click.option("--point", default=None, help="Restore point id (default: latest).")
-@click.option("--listen", default="127.0.0.1:10809", show_default=True, help="NBD address HOST:PORT.")
+@click.option(
+    "--listen", default="127.0.0.1:10809", show_default=True, help="NBD address HOST:PORT or unix:PATH."
+)
 @click.option("--control", default=None, help="Status endpoint HOST:PORT (default: NBD port + 1).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Read-cache directory.")
 @click.option("--writable", is_flag=True, help="Accept writes into a copy-on-write area in the cache.")
@@ -152,7 +154,8 @@ def serve(
         raise LiverestoreError("--fetch-slots must be at least 2 (one slot is kept for guest reads)")
     repo = _open_repo(repo_path)
     rp = repo.get_point(vm, point)
-    host, port = parse_hostport(listen, 10809)
+    unix_path = Path(listen.removeprefix("unix:")) if listen.startswith("unix:") else None
+    host, port = ("127.0.0.1", 10809) if unix_path else parse_hostport(listen, 10809)
     chost, cport = parse_hostport(control, port + 1) if control else (host, port + 1 if port else 0)
     cfg = AgentConfig(
         cache_dir=cache_dir or default_data_dir() / "cache",
@@ -173,14 +176,19 @@ def serve(
             loop.add_signal_handler(sig, stop.set)
         serving = False
         try:
-            bound = await agent.listen(host, port)
+            if unix_path is not None:
+                await agent.listen_unix(unix_path)
+                where = f"nbd+unix:///{{export}}?socket={unix_path}"
+            else:
+                bound = await agent.listen(host, port)
+                where = f"nbd://{host}:{bound}/{{export}}"
             try:
                 cbound = await ctl.listen(chost, cport)
             except OSError as e:
                 raise LiverestoreError(f"cannot listen on {chost}:{cport} (control): {e.strerror}") from None
             serving = True
             for name in agent.exports:
-                click.echo(f"serving nbd://{host}:{bound}/{name}", err=True)
+                click.echo(f"serving {where.format(export=name)}", err=True)
             click.echo(f"status: http://{chost}:{cbound}/status", err=True)
             await stop.wait()
         finally:

@@ -21,7 +21,10 @@ from liverestore.restore import InstantRestore, RestoreOptions, RestoreReport, c
 def run_cancellable(coro: Any) -> Any:
     """Run ``coro``; SIGINT/SIGTERM cancel it so its cleanup (abort, remove partials) runs."""
 
+    interrupted = False
+
     async def main() -> Any:
+        nonlocal interrupted
         task = asyncio.ensure_future(coro)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -29,9 +32,13 @@ def run_cancellable(coro: Any) -> Any:
         try:
             return await task
         except asyncio.CancelledError:
-            raise KeyboardInterrupt from None
+            interrupted = True  # raised outside the loop, once every cleanup has run
+            return None
 
-    return asyncio.run(main())
+    result = asyncio.run(main())
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
 
 
 def render_report(r: RestoreReport) -> str:

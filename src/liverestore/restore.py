@@ -44,6 +44,8 @@ class RestoreOptions:
     relocate: bool = True
     use_profile: bool = True
     record_profile: bool = True
+    background_prefetch: bool = True  # set 2 (benchmarks switch it off to measure its effect)
+    relocation_prefetch: bool = True  # set 3
     repo_latency_ms: float = 0.0
     repo_mbps: float = 0.0
     fetch_slots: int = 32
@@ -152,7 +154,6 @@ class InstantRestore:
         self._partials: dict[str, Path] = {}
         self._finals: dict[str, Path] = {}
         self._relocation_fraction = 0.0
-        self._prefetchers: list[RelocationPrefetcher] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- phase bookkeeping ---------------------------------------------------------------------
@@ -266,8 +267,9 @@ class InstantRestore:
 
         # run: set 2
         self._enter("run")
-        for e in self.agent.exports.values():
-            self.report.background_queued += start_background(e)
+        if opts.background_prefetch:
+            for e in self.agent.exports.values():
+                self.report.background_queued += start_background(e)
         if not opts.relocate:
             self._finish_phase()
             self._collect()
@@ -281,10 +283,8 @@ class InstantRestore:
         self.agent.scheduler.cancel_queued(FetchClass.PREFETCH)
         self.agent.set_mode(Mode.FAIR)
         log.info("scheduler switched to fair: guest reads and relocation copies share the repository")
-        for e in self.agent.exports.values():
-            pf = RelocationPrefetcher(e)
-            self._prefetchers.append(pf)
-            self._tasks.append(asyncio.create_task(pf.run()))
+        for e in self.agent.exports.values() if opts.relocation_prefetch else ():
+            self._tasks.append(asyncio.create_task(RelocationPrefetcher(e).run()))
         await self.vm.start_relocation(self._partials)
         while True:
             jobs = await self.vm.relocation_progress()

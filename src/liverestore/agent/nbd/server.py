@@ -50,6 +50,7 @@ class NbdServer:
         self.on_connection = on_connection
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self.active_connections = 0
 
     async def listen_tcp(self, host: str, port: int) -> int:
@@ -61,10 +62,16 @@ class NbdServer:
         self._servers.append(await asyncio.start_unix_server(self._client, path, limit=p.MAX_REQUEST + 4096))
 
     async def close(self) -> None:
+        """Stop listening and end every connection. Connections are ended by closing their sockets,
+        not by cancelling their tasks: asyncio (3.11) logs a spurious error for a cancelled handler."""
         for s in self._servers:
             s.close()
-        for t in list(self._connections):
-            t.cancel()
+        for w in list(self._writers):
+            w.close()
+        if self._connections:
+            _done, pending = await asyncio.wait(list(self._connections), timeout=5)
+            for t in pending:
+                t.cancel()
         for s in self._servers:
             with contextlib.suppress(Exception):
                 await s.wait_closed()
@@ -74,6 +81,7 @@ class NbdServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        self._writers.add(writer)
         self.active_connections += 1
         if self.on_connection:
             self.on_connection(self.active_connections)
@@ -86,11 +94,12 @@ class NbdServer:
             pass
         finally:
             self._connections.discard(task)
+            self._writers.discard(writer)
             self.active_connections -= 1
             if self.on_connection:
                 self.on_connection(self.active_connections)
             writer.close()
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
 
     # -- handshake -----------------------------------------------------------------------------

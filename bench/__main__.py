@@ -1,0 +1,39 @@
+"""``python -m bench all --quick``: every benchmark, side by side, results under bench/results/."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from bench import boot, ingest, latency, nbd, relocation
+from bench.common import RESULTS
+
+BENCHMARKS = {"ingest": ingest.run, "nbd": nbd.run, "latency": latency.run, "relocation": relocation.run,
+              "boot": boot.run}  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("which", choices=["all", *BENCHMARKS], help="benchmark to run")
+    ap.add_argument("--quick", action="store_true", help="smaller data and fewer settings (about 10 minutes)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    names = list(BENCHMARKS) if args.which == "all" else [args.which]
+    summary: dict[str, Any] = {}
+    for name in names:
+        t0 = time.monotonic()
+        print(f"== {name}", flush=True)
+        summary[name] = BENCHMARKS[name](args.quick)
+        print(f"== {name} done in {time.monotonic() - t0:.0f} s", flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"results in {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Shared plumbing for the benchmarks: result files, tables, charts, timing helpers."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MiB = 1 << 20
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def write_results(
+    name: str, data: dict[str, Any], table: list[list[Any]], headers: list[str], notes: str
+) -> Path:
+    """``results/<name>.json`` plus ``results/<name>.md`` (a table and what it means)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"benchmark": name, "machine": machine(), **data}
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2))
+    md = [f"# {name}", "", notes.strip(), "", "| " + " | ".join(headers) + " |",
+          "|" + "---|" * len(headers)]  # fmt: skip
+    md += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in table]
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def bar_chart(name: str, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, len(labels) * 1.4), 4))
+    width = 0.8 / max(1, len(series))
+    for i, (sname, values) in enumerate(series.items()):
+        xs = [x + i * width for x in range(len(labels))]
+        ax.bar(xs, values, width, label=sname)
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> float:
+    """Median wall time of ``repeat`` runs: these machines are noisy, the median less so."""
+    runs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
