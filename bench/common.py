@@ -43,7 +43,9 @@ def _fmt(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def bar_chart(name: str, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str) -> Path:
+def bar_chart(
+    name: str, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str, log: bool = False
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,6 +58,8 @@ def bar_chart(name: str, title: str, labels: list[str], series: dict[str, list[f
         ax.bar(xs, values, width, label=sname)
     ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(labels))], labels, fontsize=8)
     ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()

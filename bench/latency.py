@@ -8,6 +8,7 @@ copy under ``demand-first`` scheduling, and the same background copy through a p
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 import tempfile
 import time
@@ -41,7 +42,12 @@ def record_trace(repo: Repository, work: Path) -> list[tuple[int, int]]:
 
 
 def replay(
-    repo: Repository, work: Path, trace: list[tuple[int, int]], mode: Mode | None, latency: float
+    repo: Repository,
+    work: Path,
+    trace: list[tuple[int, int]],
+    mode: Mode | None,
+    latency: float,
+    pace_s: float,
 ) -> list[float]:
     cache = work / f"cache-{mode}"
     shutil.rmtree(cache, ignore_errors=True)
@@ -58,6 +64,8 @@ def replay(
             t0 = time.perf_counter()
             c.read(offset, length)
             out.append(time.perf_counter() - t0)
+            if pace_s:
+                time.sleep(pace_s)
         c.close()
         return out
     finally:
@@ -71,35 +79,50 @@ def run(quick: bool) -> dict[str, Any]:
         image = build_test_vm(tmp / "vm.raw", size=1024 * MiB, payload_mb=90, cold_mb=200 if quick else 400)
         repo = Repository.init(tmp / "repo", block_size=64 * 1024)
         run_backup(repo, "vm", [image.path], [])
-        trace = record_trace(repo, tmp)
+        boot_trace = record_trace(repo, tmp)
         if quick:
-            trace = trace[:1500]
+            boot_trace = boot_trace[:1500]
+        manifest = repo.load_manifest(repo.get_point("vm").record.disks[0])
+        allocated = list(manifest.allocated_blocks())
+        rnd = random.Random(5)
+        app_reads = [(rnd.choice(allocated) * manifest.block_size + rnd.randrange(16) * 4096, 4096)
+                     for _ in range(200)]  # fmt: skip
+        workloads = {"boot trace": (boot_trace, 0.0), "random 4K app reads, 50/s": (app_reads, 0.02)}
         results: dict[str, Any] = {}
-        for label, mode in (
-            ("no background", None),
-            ("demand-first", Mode.DEMAND_FIRST),
-            ("fifo", Mode.FIFO),
-        ):
-            lat = replay(repo, tmp, trace, mode, latency)
-            results[label] = {
-                "reads": len(lat), "total_s": round(sum(lat), 3),
-                "p50_ms": round(1000 * percentile(lat, 0.5), 3), "p99_ms": round(1000 * percentile(lat, 0.99), 3),
-            }  # fmt: skip
-            print(f"latency {label}: {results[label]}", flush=True)
-        base, df, fifo = results["no background"], results["demand-first"], results["fifo"]
-        ratios = {
-            "demand_first_p99_over_none": round(df["p99_ms"] / max(base["p99_ms"], 1e-6), 2),
-            "fifo_p99_over_demand_first": round(fifo["p99_ms"] / max(df["p99_ms"], 1e-6), 2),
-            "fifo_total_over_demand_first": round(fifo["total_s"] / max(df["total_s"], 1e-6), 2),
-        }
-        rows = [[k, v["reads"], v["total_s"], v["p50_ms"], v["p99_ms"]] for k, v in results.items()]
+        for wname, (trace, pace) in workloads.items():
+            for label, mode in (
+                ("no background", None),
+                ("demand-first", Mode.DEMAND_FIRST),
+                ("fifo", Mode.FIFO),
+            ):
+                lat = replay(repo, tmp, trace, mode, latency, pace)
+                results[f"{wname} / {label}"] = {
+                    "reads": len(lat), "total_s": round(sum(lat), 3),
+                    "mean_ms": round(1000 * sum(lat) / len(lat), 3),
+                    "p50_ms": round(1000 * percentile(lat, 0.5), 3), "p99_ms": round(1000 * percentile(lat, 0.99), 3),
+                    "max_ms": round(1000 * max(lat), 1),
+                }  # fmt: skip
+                print(f"latency {wname} / {label}: {results[f'{wname} / {label}']}", flush=True)
+        ratios = {}
+        for wname in workloads:
+            base, df, fifo = (results[f"{wname} / {m}"] for m in ("no background", "demand-first", "fifo"))
+            ratios[wname] = {
+                "demand_first_max_over_none": round(df["max_ms"] / max(base["max_ms"], 1e-6), 2),
+                "fifo_max_over_demand_first": round(fifo["max_ms"] / max(df["max_ms"], 1e-6), 2),
+                "fifo_mean_over_demand_first": round(fifo["mean_ms"] / max(df["mean_ms"], 1e-6), 2),
+            }
+        rows = [[k, v["reads"], v["total_s"], v["mean_ms"], v["p50_ms"], v["p99_ms"], v["max_ms"]]
+                for k, v in results.items()]  # fmt: skip
         notes = (
-            f"A recorded boot trace ({len(trace)} reads) replayed by an NBD client against a cold cache, "
-            f"{latency:g} ms per repository fetch, 64 KiB blocks, 8 fetch slots, while set 2 copies the whole "
-            f"disk (~300 MB) in the background. Ratios: {ratios}."
+            f"Reads replayed by an NBD client against a cold cache, {latency:g} ms per repository fetch, 64 KiB "
+            "blocks, 8 fetch slots, while set 2 copies the whole disk in relocation order in the background. "
+            "The boot trace is mostly ascending like set 2 itself, so the background copy often fetches its "
+            "blocks first; random application reads show the scheduling: under FIFO a miss waits behind the "
+            f"whole background queue (the max column). Ratios: {ratios}."
         )
         write_results("latency", {"rows": results, "ratios": ratios}, rows,
-                      ["scheduler", "reads", "total s", "p50 ms", "p99 ms"], notes)  # fmt: skip
-        bar_chart("latency", "guest read latency with background copy (ms)", ["p50", "p99"],
-                  {k: [v["p50_ms"], v["p99_ms"]] for k, v in results.items()}, "ms")  # fmt: skip
+                      ["workload / scheduler", "reads", "total s", "mean ms", "p50 ms", "p99 ms", "max ms"],
+                      notes)  # fmt: skip
+        bar_chart("latency", "read latency with background copy (ms, log scale)", ["mean", "p99", "max"],
+                  {k: [v["mean_ms"], v["p99_ms"], v["max_ms"]] for k, v in results.items()}, "ms", log=True)  # fmt: skip
         return {"rows": results, "ratios": ratios}

@@ -128,7 +128,7 @@ def _lr(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli_instant_and_classic_restore(vm_backup: VmBackup, tmp_path: Path) -> None:
     repo = str(vm_backup.repo_path)
     r = _lr("restore", "--repo", repo, "--vm", "testvm", "--instant", "--dest", str(tmp_path / "i"),
-            "--cache-dir", str(tmp_path / "c"), "--stop-after", "--json")  # fmt: skip
+            "--cache-dir", str(tmp_path / "c"), "--stop-after", "--json", "--boot-marker", "BOOT-OK")  # fmt: skip
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["relocated"] and doc["time_to_boot_s"] > 0 and set(doc["phases"]) >= {
@@ -137,7 +137,7 @@ def test_cli_instant_and_classic_restore(vm_backup: VmBackup, tmp_path: Path) ->
     assert Path(doc["destinations"]["testvm"]).exists()
 
     r = _lr("restore", "--repo", repo, "--vm", "testvm", "--classic", "--dest", str(tmp_path / "k"),
-            "--stop-after", "--json")  # fmt: skip
+            "--stop-after", "--json", "--boot-marker", "BOOT-OK")  # fmt: skip
     assert r.returncode == 0, r.stderr
     classic = json.loads(r.stdout)
     assert classic["mode"] == "classic" and classic["time_to_boot_s"] > classic["boot_after_launch_s"]
@@ -156,7 +156,8 @@ def test_ctrl_c_leaves_nothing_that_looks_complete(vm_backup: VmBackup, tmp_path
     dest = tmp_path / "primary"
     proc = subprocess.Popen(
         [sys.executable, "-m", "liverestore", "restore", "--repo", str(vm_backup.repo_path), "--vm", "testvm",
-         "--dest", str(dest), "--cache-dir", str(tmp_path / "c"), "--no-profile", "--repo-latency-ms", "20"],
+         "--dest", str(dest), "--cache-dir", str(tmp_path / "c"), "--no-profile", "--repo-latency-ms", "20",
+         "--boot-marker", "BOOT-OK"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 60

@@ -212,6 +212,25 @@ def status(control: str) -> None:
         raise LiverestoreError(f"no agent answers at {host}:{port}: {getattr(e, 'reason', e)}") from None
 
 
+@cli.command()
+@repo_option
+@click.option("--vm", default=None, help="Only this VM's restore points.")
+def verify(repo_path: Path, vm: str | None) -> None:
+    """Re-hash every chunk and check every manifest; exit 1 and name each problem if any."""
+    from liverestore.verify import verify_repository
+
+    report = verify_repository(_open_repo(repo_path), vm)
+    for problem in report.problems:
+        click.echo(f"DAMAGED: {problem}", err=True)
+    summary = (
+        f"checked {report.points} restore point(s), {report.manifests} manifest(s), "
+        f"{report.chunks_checked} chunk(s), {report.bytes_checked / 2**20:.1f} MiB"
+    )
+    if not report.ok:
+        raise LiverestoreError(f"{len(report.problems)} problem(s) found; {summary}")
+    click.echo(f"ok: {summary}")
+
+
 def main() -> None:
     from liverestore.commands_restore import profile, restore
     from liverestore.demo import demo

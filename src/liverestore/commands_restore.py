@@ -88,9 +88,10 @@ def options_from(kw: dict[str, Any]) -> RestoreOptions:
 @click.option("--repo-latency-ms", type=float, default=0.0, help="Emulated latency per repository fetch.")
 @click.option("--repo-mbps", type=float, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
 @click.option(
-    "--boot-marker", default="BOOT-OK", show_default=True, help="Serial text meaning 'up' ('' = none)."
+    "--boot-marker", default="", help="Serial console text meaning the guest is up (test VM: BOOT-OK)."
 )
-@click.option("--boot-window", type=float, default=20.0, help="Seconds counted as boot without a marker.")
+@click.option("--boot-window", type=float, default=20.0, show_default=True,
+              help="Without a marker: seconds after launch counted as boot (and recorded as its profile).")  # fmt: skip
 @click.option("--accel", default="tcg", show_default=True, help="QEMU accelerator (tcg or kvm).")
 @click.option("--memory", type=int, default=512, show_default=True, help="Guest memory in MiB.")
 @click.option("--stop-after", is_flag=True, help="Power the VM off once restored (tests, demos).")
@@ -164,8 +165,8 @@ def profile_clear(repo_path: Path, vm: str) -> None:
 @click.option("--point", default=None)
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--work-dir", type=click.Path(path_type=Path), required=True, help="Scratch space for the VM.")
-@click.option("--boot-marker", default="BOOT-OK", show_default=True)
-@click.option("--boot-window", type=float, default=20.0)
+@click.option("--boot-marker", default="", help="Serial console text meaning the guest is up.")
+@click.option("--boot-window", type=float, default=20.0, show_default=True)
 @click.option("--accel", default="tcg", show_default=True)
 def profile_record(**kw: Any) -> None:
     """Boot the VM from backup once (no relocation), record its boot reads, power it off."""

@@ -13,6 +13,10 @@ class RepositoryError(LiverestoreError):
     """The repository is missing, malformed, or does not hold what was asked for."""
 
 
+class RepositoryUnavailable(RepositoryError):
+    """The repository cannot be reached right now (unmounted, I/O error): worth retrying."""
+
+
 class IntegrityError(RepositoryError):
     """Stored data does not match its hash: serving it would mean serving wrong bytes."""
 

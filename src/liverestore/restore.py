@@ -339,7 +339,7 @@ class InstantRestore:
 
     async def abort(self) -> None:
         """Stop everything; remove half-copied destinations so nothing incomplete looks done."""
-        log.warning("restore aborted in phase %s", self.phase)
+        log.info("restore aborted in phase %s", self.phase)
         if self.vm is not None and self.phase in ("relocate", "pivot") and not self.report.relocated:
             with contextlib.suppress(Exception):
                 await self.vm.abort_relocation()

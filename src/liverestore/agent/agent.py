@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from liverestore.agent.metrics import Metrics
 from liverestore.agent.nbd.server import NbdServer
 from liverestore.agent.recorder import AccessRecorder
 from liverestore.agent.scheduler import FetchClass, FetchScheduler, Mode
-from liverestore.agent.source import BlockSource, RepositorySource, ThrottledSource
+from liverestore.agent.source import BlockSource, RepositorySource, RetryingSource, ThrottledSource
 from liverestore.errors import LiverestoreError
 from liverestore.repository import Repository, RestorePoint
 
@@ -32,6 +33,7 @@ class AgentConfig:
     fetch_slots: int = 32
     mode: Mode = Mode.DEMAND_FIRST
     access_log: Path | None = None
+    repo_retry_s: float = 120.0  # how long a read waits for an unavailable repository
 
 
 class MediaAgent:
@@ -45,7 +47,8 @@ class MediaAgent:
         source: BlockSource = RepositorySource(repo)
         if config.repo_latency_ms > 0 or config.repo_mbps > 0:
             source = ThrottledSource(source, config.repo_latency_ms, config.repo_mbps)
-        self.source = source
+        self.retrying = RetryingSource(source, deadline_s=config.repo_retry_s)
+        source = self.source = self.retrying
         self.cache_dir = config.cache_dir / f"{point.vm}-{point.id}"
         self.exports: dict[str, DiskExport] = {}
         for rec in point.record.disks:
@@ -62,8 +65,26 @@ class MediaAgent:
                 self.recorder,
                 writable=config.writable,
             )
+        self._check_cache_space()
         self.server = NbdServer(self.exports)
         self._persist_task: asyncio.Task[None] | None = None
+
+    def _check_cache_space(self) -> None:
+        """Relocation brings every allocated block through the cache: refuse to start a restore
+        that would hit ENOSPC half-way, when the fix (another --cache-dir) is cheap now."""
+        need = sum(
+            e.manifest.block_length(i) for e in self.exports.values() for i in e.manifest.allocated_blocks()
+            if not e.read_cache.has(i)
+        )  # fmt: skip
+        st = os.statvfs(self.cache_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < need:
+            for e in self.exports.values():
+                e.close()
+            raise LiverestoreError(
+                f"cache directory {self.cache_dir} has {free / 2**20:.0f} MiB free but this restore point "
+                f"needs {need / 2**20:.0f} MiB: choose another --cache-dir"
+            )
 
     def export(self, name: str) -> DiskExport:
         try:
@@ -120,6 +141,11 @@ class MediaAgent:
                     "writable": e.writable,
                 }
                 for name, e in self.exports.items()
+            },
+            "repository": {
+                "available": self.retrying.available,
+                "outages": self.retrying.outages,
+                "retries": self.retrying.retries,
             },
             "scheduler": self.scheduler.snapshot(),
             "metrics": self.metrics.as_dict(),

@@ -8,6 +8,7 @@ granularity — the repository is never written by the agent.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import time
@@ -89,7 +90,14 @@ class DiskExport:
             self.metrics.fetch_errors += 1
             log.error("%s: block %d (chunk %s) cannot be served: %s", self.name, idx, cid, e)
             raise ExportError(p.EIO, f"block {idx}: {e}") from None
-        self.read_cache.write_block(idx, got.data)
+        try:
+            self.read_cache.write_block(idx, got.data)
+        except OSError as e:  # e.g. the cache filesystem filled up: fail this read, keep serving
+            log.error("%s: cannot write block %d to the cache %s: %s", self.name, idx, self.read_cache.data_path,
+                      e.strerror)  # fmt: skip
+            raise ExportError(
+                p.ENOSPC if e.errno == errno.ENOSPC else p.EIO, f"cache write failed: {e.strerror}"
+            ) from None
         self.metrics.record_fetch(str(cls), len(got.data), got.stored_bytes)
 
     def prefetch(self, blocks: Iterable[int], cls: FetchClass) -> list[asyncio.Future[None]]:

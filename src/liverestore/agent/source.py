@@ -8,11 +8,15 @@ microseconds and would hide every scheduling decision.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from liverestore.errors import RepositoryUnavailable
 from liverestore.repository import DiskManifest, Repository
+
+log = logging.getLogger("liverestore.source")
 
 
 @dataclass(frozen=True)
@@ -58,3 +62,40 @@ class ThrottledSource:
             self._link_free_at = start + got.stored_bytes / self.bytes_per_s
             await asyncio.sleep(self._link_free_at - now)
         return got
+
+
+class RetryingSource:
+    """Rides out repository outages: retries unavailability with exponential backoff for up to
+    ``deadline_s`` and warns while it does. Damage (a corrupt or missing chunk) is never retried:
+    it will not heal, and the read must fail with EIO rather than hang."""
+
+    def __init__(self, inner: BlockSource, deadline_s: float = 120.0, max_delay_s: float = 2.0) -> None:
+        self.inner = inner
+        self.deadline_s = deadline_s
+        self.max_delay_s = max_delay_s
+        self.outages = 0
+        self.retries = 0
+        self.available = True
+
+    async def fetch(self, manifest: DiskManifest, index: int) -> Fetched:
+        start = time.monotonic()
+        delay = 0.05
+        while True:
+            try:
+                got = await self.inner.fetch(manifest, index)
+            except RepositoryUnavailable as e:
+                waited = time.monotonic() - start
+                if waited >= self.deadline_s:
+                    raise
+                if self.available:
+                    self.available = False
+                    self.outages += 1
+                    log.warning("repository unavailable (%s); retrying for up to %.0f s", e, self.deadline_s)
+                self.retries += 1
+                await asyncio.sleep(min(delay, self.deadline_s - waited))
+                delay = min(delay * 2, self.max_delay_s)
+                continue
+            if not self.available:
+                self.available = True
+                log.warning("repository is back after an outage; resuming")
+            return got

@@ -14,7 +14,7 @@ from pathlib import Path
 import blake3
 import zstandard
 
-from liverestore.errors import IntegrityError, RepositoryError
+from liverestore.errors import IntegrityError, RepositoryError, RepositoryUnavailable
 
 _ZSTD_LEVEL = 3
 
@@ -86,9 +86,11 @@ class ChunkStore:
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
+            if not self.root.is_dir():  # the whole store is gone: an unmount or outage, not damage
+                raise RepositoryUnavailable(f"chunk store {self.root} is unreachable") from None
             raise IntegrityError(f"chunk {cid} is missing from the repository") from None
         except OSError as e:
-            raise RepositoryError(f"chunk {cid} cannot be read: {e.strerror}") from None
+            raise RepositoryUnavailable(f"chunk {cid} cannot be read: {e.strerror}") from None
         try:
             data = self._decompressor().decompress(blob, max_output_size=expected_size)
         except zstandard.ZstdError as e:
