@@ -22,6 +22,8 @@ log = logging.getLogger("liverestore.nbd")
 
 MAX_OPTION_LENGTH = 64 * 1024
 MAX_INFLIGHT_PER_CONNECTION = 64
+MAX_CONNECTIONS = 512
+HANDSHAKE_TIMEOUT_S = 30.0
 META_CONTEXT_ID = 1
 
 
@@ -87,6 +89,8 @@ class NbdServer:
             self.on_connection(self.active_connections)
         peer = writer.get_extra_info("peername")
         try:
+            if self.active_connections > MAX_CONNECTIONS:
+                raise ProtocolViolation(f"more than {MAX_CONNECTIONS} connections; refusing this one")
             await self._serve(reader, writer)
         except (ProtocolViolation, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as e:
             log.info("connection %s closed: %s", peer, e or type(e).__name__)
@@ -112,7 +116,11 @@ class NbdServer:
         if cflags & ~(p.CLIENT_FLAG_FIXED_NEWSTYLE | p.CLIENT_FLAG_NO_ZEROES):
             raise ProtocolViolation(f"unknown client flags {cflags:#x}")
         sess = _Session(no_zeroes=bool(cflags & p.CLIENT_FLAG_NO_ZEROES))
-        export = await self._negotiate(reader, writer, sess)
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):  # idle half-open handshakes must not pile up
+                export = await self._negotiate(reader, writer, sess)
+        except TimeoutError:
+            raise ProtocolViolation("handshake not finished in time") from None
         if export is not None:
             await self._transmission(reader, writer, export, sess)
 
