@@ -172,3 +172,51 @@ def test_ctrl_c_leaves_nothing_that_looks_complete(vm_backup: VmBackup, tmp_path
     assert json.loads(state_path(dest, "testvm").read_text())["state"] == "aborted"
     ps = subprocess.run(["pgrep", "-f", str(dest)], capture_output=True, text=True)
     assert ps.stdout.strip() == "", "QEMU must not outlive an aborted restore"
+
+
+def test_orchestrator_killed_mid_relocation_then_resumed(vm_backup: VmBackup, tmp_path: Path) -> None:
+    dest = tmp_path / "primary"
+    base = [sys.executable, "-m", "liverestore", "restore", "--repo", str(vm_backup.repo_path), "--vm", "testvm",
+            "--dest", str(dest), "--boot-marker", "BOOT-OK"]  # fmt: skip
+    proc = subprocess.Popen([*base, "--cache-dir", str(tmp_path / "c"), "--no-profile", "--repo-mbps", "80"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    state = state_path(dest, "testvm")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if state.exists() and json.loads(state.read_text())["state"] == "relocating":
+            break
+        time.sleep(0.05)
+    time.sleep(0.5)  # the mirror is copying
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    st = json.loads(state.read_text())
+    assert st["state"] == "relocating", "the restore finished before it could be interrupted"
+    assert not list(dest.glob("*.raw")), "an interrupted relocation must not leave a complete-looking disk"
+    qemu_pid = st["qemu_pid"]
+
+    r = subprocess.run([*base, "--resume", "--json"], capture_output=True, text=True, timeout=600)
+    try:
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["relocated"] and doc["mode"] == "instant-resumed"
+        assert json.loads(state.read_text())["state"] == "complete"
+        cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(vm_backup.data_disk),
+                              doc["destinations"]["data"]], capture_output=True, text=True)  # fmt: skip
+        assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+        async def check_guest() -> None:  # the same guest, still alive, now on primary storage
+            from liverestore.hypervisor.qemu import QemuVM
+
+            vm = QemuVM(Path(st["vm_dir"]))
+            assert vm.attach(qemu_pid, [])
+            await vm.connect()
+            mark = len(vm.serial_output())
+            await vm.send_console("verify")
+            await vm.wait_for_console("VERIFY-OK", 120, start=mark)
+            await vm.stop()
+
+        asyncio.run(check_guest())
+    finally:
+        subprocess.run(["kill", "-9", str(qemu_pid)], capture_output=True)
+    again = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "already complete" in again.stderr

@@ -83,6 +83,7 @@ def options_from(kw: dict[str, Any]) -> RestoreOptions:
 @click.option("--instant/--classic", default=True, help="Boot from backup now (default) or copy first.")
 @click.option("--dest", type=click.Path(path_type=Path), required=True, help="Primary storage directory.")
 @click.option("--no-relocate", is_flag=True, help="Keep running from backup; do not move the disks.")
+@click.option("--resume", is_flag=True, help="Finish an instant restore whose orchestrator was killed.")
 @click.option("--no-profile", is_flag=True, help="Ignore the stored boot profile.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--repo-latency-ms", type=float, default=0.0, help="Emulated latency per repository fetch.")
@@ -109,7 +110,7 @@ def restore(**kw: Any) -> None:
                     await vm.stop()
                 return report
             job = InstantRestore(repo, opts, show)
-            report = await job.run()
+            report = await (job.resume() if kw["resume"] else job.run())
             if not opts.relocate:
                 click.echo(
                     f"VM is running from backup; serial log {report.serial_log}. Ctrl-C stops it.", err=True

@@ -155,6 +155,7 @@ class InstantRestore:
         self._finals: dict[str, Path] = {}
         self._relocation_fraction = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self.nbd_port = 0
 
     # -- phase bookkeeping ---------------------------------------------------------------------
     def _enter(self, phase: str) -> None:
@@ -202,12 +203,11 @@ class InstantRestore:
             self._partials = {n: p.with_name(p.name + ".partial") for n, p in self._finals.items()}
             for p in self._partials.values():
                 p.unlink(missing_ok=True)
-            _write_state(opts.dest, self.point.vm, "running-from-backup", point=self.point.id)
         self.agent = MediaAgent(self.repo, self.point, AgentConfig(
             cache_dir=opts.cache_dir, repo_latency_ms=opts.repo_latency_ms, repo_mbps=opts.repo_mbps,
             fetch_slots=opts.fetch_slots, mode=Mode.DEMAND_FIRST,
         ))  # fmt: skip
-        port = await self.agent.listen("127.0.0.1", 0)
+        port = self.nbd_port = await self.agent.listen("127.0.0.1", 0)
         self._tasks.append(asyncio.create_task(self._ticker()))
         block_size = self.repo.block_size
         stored_profile = self.repo.catalog.get_profile(self.point.vm) if opts.use_profile else None
@@ -248,6 +248,8 @@ class InstantRestore:
         ]  # fmt: skip
         await self.vm.launch(attachments)
         self.report.serial_log = str(self.vm.serial_log)
+        if opts.relocate:
+            self._save_state("running-from-backup")
         if opts.boot_marker:
             booted = await self.vm.wait_for_console(opts.boot_marker, opts.boot_timeout_s)
         else:
@@ -277,15 +279,31 @@ class InstantRestore:
         if opts.run_seconds > 0:
             await asyncio.sleep(opts.run_seconds)
 
+        await self._relocate_and_pivot(restart_mirror=True)
+
+    def _save_state(self, state: str) -> None:
+        """Everything ``--resume`` needs to pick up a VM whose orchestrator died."""
+        assert self.vm is not None and self.vm.pid is not None and self.agent is not None
+        _write_state(
+            self.opts.dest, self.point.vm, state, point=self.point.id, qemu_pid=self.vm.pid,
+            vm_dir=str(self.vm.workdir), nbd_port=self.nbd_port, cache_dir=str(self.opts.cache_dir),
+            disks=[{"name": d.name, "size": d.size, "export": d.export, "overlay": str(d.overlay),
+                    "partial": str(self._partials[d.name]), "final": str(self._finals[d.name])}
+                   for d in self.vm.disks],
+        )  # fmt: skip
+
+    async def _relocate_and_pivot(self, restart_mirror: bool) -> None:
+        assert self.agent is not None and self.vm is not None
         # relocate: set 3
         self._enter("relocate")
-        _write_state(opts.dest, self.point.vm, "relocating", point=self.point.id)
+        self._save_state("relocating")
         self.agent.scheduler.cancel_queued(FetchClass.PREFETCH)
         self.agent.set_mode(Mode.FAIR)
         log.info("scheduler switched to fair: guest reads and relocation copies share the repository")
-        for e in self.agent.exports.values() if opts.relocation_prefetch else ():
+        for e in self.agent.exports.values() if self.opts.relocation_prefetch else ():
             self._tasks.append(asyncio.create_task(RelocationPrefetcher(e).run()))
-        await self.vm.start_relocation(self._partials)
+        if restart_mirror:
+            await self.vm.start_relocation(self._partials)
         while True:
             jobs = await self.vm.relocation_progress()
             total = sum(j.length for j in jobs)
@@ -303,11 +321,61 @@ class InstantRestore:
             os.replace(partial, self._finals[name])
         self.report.destinations = {n: str(p) for n, p in self._finals.items()}
         self.report.relocated = True
-        _write_state(opts.dest, self.point.vm, "complete", point=self.point.id,
+        _write_state(self.opts.dest, self.point.vm, "complete", point=self.point.id,
                      disks=self.report.destinations)  # fmt: skip
         self._collect()
         await self.release_agent()
         self._finish_phase()
+
+    async def resume(self) -> RestoreReport:
+        """Pick up a restore whose orchestrator died: same cache, same NBD port (QEMU reconnects
+        to it), the running mirror jobs if they survived, else a fresh mirror; then pivot."""
+        try:
+            await self._resume()
+        except BaseException:
+            await self.abort()
+            raise
+        return self.report
+
+    async def _resume(self) -> None:
+        path = state_path(self.opts.dest, self.opts.vm)
+        try:
+            st = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise LiverestoreError(f"nothing to resume: {path} is missing or unreadable") from None
+        if st.get("state") == "complete":
+            raise LiverestoreError(f"the restore of {self.opts.vm} in {self.opts.dest} is already complete")
+        if st.get("state") not in ("running-from-backup", "relocating") or "qemu_pid" not in st:
+            raise LiverestoreError(f"the restore in {self.opts.dest} is {st.get('state')}; start a new one")
+        self.point = self.repo.get_point(self.opts.vm, st["point"])
+        self.report.point, self.report.mode = self.point.id, "instant-resumed"
+        self._partials = {d["name"]: Path(d["partial"]) for d in st["disks"]}
+        self._finals = {d["name"]: Path(d["final"]) for d in st["disks"]}
+        disks = [DiskAttachment(name=d["name"], size=d["size"], nbd_host="127.0.0.1", nbd_port=st["nbd_port"],
+                                export=d["export"], overlay=Path(d["overlay"])) for d in st["disks"]]  # fmt: skip
+        self.vm = QemuVM(Path(st["vm_dir"]))
+        if not self.vm.attach(int(st["qemu_pid"]), disks):
+            raise LiverestoreError(f"the VM of the interrupted restore (pid {st['qemu_pid']}) is gone; "
+                                   "start a new restore")  # fmt: skip
+        self.report.serial_log = str(self.vm.serial_log)
+        self.agent = MediaAgent(self.repo, self.point, AgentConfig(
+            cache_dir=Path(st["cache_dir"]), repo_latency_ms=self.opts.repo_latency_ms,
+            repo_mbps=self.opts.repo_mbps, fetch_slots=self.opts.fetch_slots, mode=Mode.DEMAND_FIRST,
+        ))  # fmt: skip
+        self.nbd_port = await self.agent.listen("127.0.0.1", int(st["nbd_port"]))
+        log.info("agent back on port %d; QEMU reconnects to it", self.nbd_port)
+        await self.vm.connect()
+        self.phase = "run"
+        healthy = False
+        if st["state"] == "relocating":
+            try:
+                healthy = all(not j.failed for j in await self.vm.relocation_progress(raise_on_failure=False))
+            except LiverestoreError:
+                healthy = False
+            if not healthy:
+                log.warning("the mirror did not survive the interruption; starting it again")
+                await self.vm.abort_relocation()
+        await self._relocate_and_pivot(restart_mirror=not healthy)
 
     def _collect(self) -> None:
         assert self.agent is not None
@@ -349,11 +417,7 @@ class InstantRestore:
         await self.release_agent()
         for p in self._partials.values():
             p.unlink(missing_ok=True)
-        if (
-            self.opts.relocate
-            and not self.report.relocated
-            and state_path(self.opts.dest, self.opts.vm).exists()
-        ):
+        if self.vm is not None and self.opts.relocate and not self.report.relocated:
             _write_state(self.opts.dest, self.point.vm, "aborted", point=self.point.id, phase=self.phase)
 
     async def close(self, stop_vm: bool = True) -> None:

@@ -27,6 +27,7 @@ class JobProgress:
     offset: int
     length: int
     ready: bool
+    failed: bool = False
 
 
 class Hypervisor(Protocol):
@@ -34,7 +35,7 @@ class Hypervisor(Protocol):
 
     async def start_relocation(self, destinations: dict[str, Path]) -> None: ...
 
-    async def relocation_progress(self) -> list[JobProgress]: ...
+    async def relocation_progress(self, raise_on_failure: bool = True) -> list[JobProgress]: ...
 
     async def pivot(self) -> None: ...
 

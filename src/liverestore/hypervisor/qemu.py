@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -46,11 +47,33 @@ class QemuVM:
         self.disks: list[DiskAttachment] = []
         self.destinations: dict[str, Path] = {}
         self._stderr_path = workdir / "qemu.stderr"
+        self._attached_pid: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else self._attached_pid
+
+    @property
     def running(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None
+        if self.proc is not None:
+            return self.proc.returncode is None
+        return self._attached_pid is not None and _alive(self._attached_pid)
+
+    def attach(self, pid: int, disks: list[DiskAttachment]) -> bool:
+        """Adopt a QEMU started by an earlier (dead) orchestrator; False if it is gone."""
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        if str(self.qmp_path).encode() not in b" ".join(cmdline):
+            return False  # the pid was reused by something else
+        self._attached_pid = pid
+        self.disks = disks
+        return True
+
+    async def connect(self) -> None:
+        await self._connect_qmp()
 
     async def launch(self, disks: list[DiskAttachment]) -> None:
         binary = shutil.which("qemu-system-x86_64")
@@ -106,6 +129,7 @@ class QemuVM:
     async def stop(self, graceful_timeout: float = 0) -> None:
         """Stop QEMU: a guest-initiated poweroff is awaited up to ``graceful_timeout``, then quit/kill."""
         if self.proc is None:
+            await self._stop_attached(graceful_timeout)
             return
         if graceful_timeout and self.running:
             with contextlib.suppress(TimeoutError):
@@ -118,6 +142,28 @@ class QemuVM:
         if self.running:
             self.proc.kill()
             await self.proc.wait()
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await self.qmp.disconnect()
+            self.qmp = None
+
+    async def _stop_attached(self, graceful_timeout: float) -> None:
+        pid = self._attached_pid
+        if pid is None:
+            return
+        deadline = time.monotonic() + graceful_timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if _alive(pid) and self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("quit"), 5)
+        for _ in range(100):
+            if not _alive(pid):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         if self.qmp is not None:
             with contextlib.suppress(Exception):
                 await self.qmp.disconnect()
@@ -170,7 +216,7 @@ class QemuVM:
                 "sync": "full", "auto-finalize": True, "auto-dismiss": False,
             })  # fmt: skip
 
-    async def relocation_progress(self) -> list[JobProgress]:
+    async def relocation_progress(self, raise_on_failure: bool = True) -> list[JobProgress]:
         jobs = await self.execute("query-block-jobs")
         by_id = {j["device"]: j for j in jobs}
         out = []
@@ -178,9 +224,10 @@ class QemuVM:
             j = by_id.get(f"reloc-{d.name}")
             if j is None:
                 raise LiverestoreError(f"the relocation job of disk {d.name} disappeared")
-            if j.get("status") == "concluded" and j.get("error"):
+            failed = j.get("status") == "concluded" and bool(j.get("error"))
+            if failed and raise_on_failure:
                 raise LiverestoreError(f"relocation of disk {d.name} failed: {j['error']}")
-            out.append(JobProgress(d.name, int(j["offset"]), int(j["len"]), bool(j["ready"])))
+            out.append(JobProgress(d.name, int(j["offset"]), int(j["len"]), bool(j["ready"]), failed))
         return out
 
     async def pivot(self) -> None:
@@ -217,6 +264,19 @@ class QemuVM:
                 await self.execute("job-dismiss", {"id": f"reloc-{d.name}"})
             with contextlib.suppress(LiverestoreError):
                 await self.execute("blockdev-del", {"node-name": f"dst-{d.name}"})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _blockdev_args(d: DiskAttachment) -> list[str]:
