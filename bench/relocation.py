@@ -32,7 +32,7 @@ async def _instant(
 
 
 def run(quick: bool) -> dict[str, Any]:
-    latency = 5.0
+    latency = 50.0
     with tempfile.TemporaryDirectory(prefix="bench-reloc-") as tmpd:
         tmp = Path(tmpd)
         image = build_test_vm(tmp / "vm.raw", size=2048 * MiB, payload_mb=90, cold_mb=300 if quick else 900)

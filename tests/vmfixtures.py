@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from liverestore.backup import run_backup
-from liverestore.hypervisor.base import DiskAttachment
-from liverestore.hypervisor.qemu import QemuVM
 from liverestore.repository import Repository, RestorePoint
 from liverestore.testvm import BuiltImage, build_test_vm
+from liverestore.testvm.localboot import boot_local_copy
 from tests.helpers import MiB, make_disk
 
 
@@ -57,20 +54,7 @@ def backup_digest(repo: Repository, point: RestorePoint) -> dict[str, bytes]:
 
 
 def boot_local(image: Path, workdir: Path) -> float:
-    """Seconds from launch to BOOT-OK booting a local copy: the floor instant restore is held to."""
-    copy = workdir / "local.raw"
-    subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
-
-    async def go() -> float:
-        vm = QemuVM(workdir / "localvm")
-        t0 = time.monotonic()
-        await vm.launch([DiskAttachment(name="boot", size=copy.stat().st_size, local_path=copy)])
-        try:
-            return await vm.wait_for_console("BOOT-OK", 300) - t0
-        finally:
-            await vm.stop()
-
-    return asyncio.run(go())
+    return asyncio.run(boot_local_copy(image, workdir))
 
 
 def extract(path: Path, offset: int, size: int, out: Path) -> Path:

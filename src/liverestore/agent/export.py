@@ -71,10 +71,6 @@ class DiskExport:
             return range(0)
         return range(offset // self.block_size, (offset + length - 1) // self.block_size + 1)
 
-    @property
-    def missing_blocks(self) -> int:
-        return sum(not self.read_cache.has(i) for i in self.manifest.allocated_blocks())
-
     async def ensure(self, idx: int, cls: FetchClass) -> None:
         if self.present(idx):
             return
