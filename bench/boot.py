@@ -22,7 +22,7 @@ from liverestore.restore import InstantRestore, RestoreOptions, classic_restore
 from liverestore.testvm import build_test_vm
 from liverestore.testvm.localboot import boot_local_copy
 
-COLD_MB = 300  # data the VM holds but does not read at boot: what a classic restore copies first
+COLD_MB = 250  # data the VM holds but does not read at boot: what a classic restore copies first
 
 SETTINGS = [
     {"name": "1ms", "latency_ms": 1.0, "mbps": 0.0},

@@ -174,7 +174,7 @@ class InstantRestore:
         m = self.agent.metrics
         elapsed = time.monotonic() - self._t0
         cached = sum(e.read_cache.present for e in self.agent.exports.values())
-        alloc = sum(sum(1 for _ in e.manifest.allocated_blocks()) for e in self.agent.exports.values())
+        alloc = sum(e.manifest.allocated_count for e in self.agent.exports.values())
         self.on_status(Status(
             phase=self.phase, elapsed_s=elapsed, relocated_fraction=self._relocation_fraction,
             hit_rate=m.hit_rate, fetched_bytes=m.bytes_fetched,

@@ -136,7 +136,7 @@ class MediaAgent:
                 name: {
                     "size": e.size,
                     "block_size": e.block_size,
-                    "allocated_blocks": sum(1 for _ in e.manifest.allocated_blocks()),
+                    "allocated_blocks": e.manifest.allocated_count,
                     "cached_blocks": e.read_cache.present,
                     "writable": e.writable,
                 }
