@@ -28,7 +28,7 @@ from liverestore.agent.prefetch import RelocationPrefetcher, start_background
 from liverestore.agent.scheduler import FetchClass, Mode
 from liverestore.agent.source import BlockSource, RepositorySource, ThrottledSource
 from liverestore.errors import LiverestoreError
-from liverestore.hypervisor.base import DiskAttachment
+from liverestore.hypervisor.base import DiskAttachment, Hypervisor
 from liverestore.hypervisor.qemu import QemuVM
 from liverestore.repository import Repository, RestorePoint
 
@@ -147,7 +147,7 @@ class InstantRestore:
         self.point = repo.get_point(opts.vm, opts.point)
         self.report = RestoreReport(vm=self.point.vm, point=self.point.id, mode="instant")
         self.agent: MediaAgent | None = None
-        self.vm: QemuVM | None = None
+        self.vm: Hypervisor | None = None
         self.phase = "plan"
         self._t0 = time.monotonic()
         self._phase_t0 = self._t0
@@ -353,18 +353,19 @@ class InstantRestore:
         self._finals = {d["name"]: Path(d["final"]) for d in st["disks"]}
         disks = [DiskAttachment(name=d["name"], size=d["size"], nbd_host="127.0.0.1", nbd_port=st["nbd_port"],
                                 export=d["export"], overlay=Path(d["overlay"])) for d in st["disks"]]  # fmt: skip
-        self.vm = QemuVM(Path(st["vm_dir"]))
-        if not self.vm.attach(int(st["qemu_pid"]), disks):
+        vm = QemuVM(Path(st["vm_dir"]))
+        if not vm.attach(int(st["qemu_pid"]), disks):
             raise LiverestoreError(f"the VM of the interrupted restore (pid {st['qemu_pid']}) is gone; "
                                    "start a new restore")  # fmt: skip
-        self.report.serial_log = str(self.vm.serial_log)
+        self.vm = vm
+        self.report.serial_log = str(vm.serial_log)
         self.agent = MediaAgent(self.repo, self.point, AgentConfig(
             cache_dir=Path(st["cache_dir"]), repo_latency_ms=self.opts.repo_latency_ms,
             repo_mbps=self.opts.repo_mbps, fetch_slots=self.opts.fetch_slots, mode=Mode.DEMAND_FIRST,
         ))  # fmt: skip
         self.nbd_port = await self.agent.listen("127.0.0.1", int(st["nbd_port"]))
         log.info("agent back on port %d; QEMU reconnects to it", self.nbd_port)
-        await self.vm.connect()
+        await vm.connect()
         self.phase = "run"
         healthy = False
         if st["state"] == "relocating":

@@ -42,6 +42,7 @@ class BlockFile:
             self.fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as e:
             raise LiverestoreError(f"cannot open cache file {data_path}: {e.strerror}") from None
+        self.file = open(self.fd, "rb", buffering=0, closefd=False)  # noqa: SIM115 - for sendfile
         self._load()
         if os.fstat(self.fd).st_size != size:
             os.ftruncate(self.fd, size)
@@ -127,6 +128,7 @@ class BlockFile:
         finally:
             with self._persist_lock:
                 if self.fd >= 0:
+                    self.file.close()
                     os.close(self.fd)
                     self.fd = -1
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from liverestore.agent.blockfile import BlockFile
 from liverestore.agent.metrics import Metrics
 from liverestore.agent.nbd import protocol as p
-from liverestore.agent.nbd.export import ExportError
+from liverestore.agent.nbd.export import ExportError, FileSlice
 from liverestore.agent.recorder import AccessRecorder
 from liverestore.agent.scheduler import FetchClass, FetchScheduler
 from liverestore.agent.source import BlockSource
@@ -26,6 +26,8 @@ from liverestore.errors import IntegrityError, RepositoryError
 from liverestore.repository import DiskManifest
 
 log = logging.getLogger("liverestore.export")
+
+SENDFILE_MIN = 64 * 1024  # larger cached reads go out with sendfile(2) instead of through Python
 
 
 class DiskExport:
@@ -107,7 +109,7 @@ class DiskExport:
         return futs
 
     # -- NBD export interface ------------------------------------------------------------------
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | FileSlice:
         t0 = time.monotonic()
         for observe in self.read_observers:  # before waiting: set 3 must see the mirror's intent early
             observe(offset, length)
@@ -120,8 +122,12 @@ class DiskExport:
         except ExportError:
             self.metrics.read_errors += 1
             raise
+        data: bytes | FileSlice
         if cow is None or not any(cow.has(i) for i in blocks):
-            data = self.read_cache.pread(length, offset)
+            if length >= SENDFILE_MIN:
+                data = FileSlice(self.read_cache.file, offset, length)
+            else:
+                data = self.read_cache.pread(length, offset)
         else:
             parts, pos, end = [], offset, offset + length
             for i in blocks:

@@ -31,7 +31,18 @@ class JobProgress:
 
 
 class Hypervisor(Protocol):
+    """What restore orchestration needs from a hypervisor: one running VM and its relocation."""
+
+    workdir: Path
+    disks: list[DiskAttachment]
+    serial_log: Path
+
+    @property
+    def pid(self) -> int | None: ...
+
     async def launch(self, disks: list[DiskAttachment]) -> None: ...
+
+    async def wait_for_console(self, marker: str, timeout: float, start: int = 0) -> float: ...
 
     async def start_relocation(self, destinations: dict[str, Path]) -> None: ...
 

@@ -177,7 +177,9 @@ def build_test_vm(
     )
     data_size = size - BOOT_PART_START - BOOT_PART_SIZE
     if data_size < (payload_mb + cold_mb) * MiB * 1.3 + 16 * MiB:
-        raise LiverestoreError(f"a {size // MiB} MiB disk is too small for {payload_mb + cold_mb} MB of files")
+        raise LiverestoreError(
+            f"a {size // MiB} MiB disk is too small for {payload_mb + cold_mb} MB of files"
+        )
     root = fetch_materials(cache)
     kernel, version = _kernel(root)
     with tempfile.TemporaryDirectory(prefix="liverestore-testvm-") as tmpd:

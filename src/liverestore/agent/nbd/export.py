@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """A read answered straight from a file: the server ``sendfile``s it, with no copy in Python."""
+
+    file: BinaryIO
+    offset: int
+    length: int
 
 
 class ExportError(Exception):
@@ -19,7 +29,7 @@ class NbdExport(Protocol):
     writable: bool
     description: str
 
-    async def read(self, offset: int, length: int) -> bytes: ...
+    async def read(self, offset: int, length: int) -> bytes | FileSlice: ...
 
     async def write(self, offset: int, data: bytes) -> None: ...
 

@@ -13,11 +13,11 @@ import logging
 import socket
 import ssl
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from liverestore.agent.nbd import protocol as p
-from liverestore.agent.nbd.export import ExportError, NbdExport
+from liverestore.agent.nbd.export import ExportError, FileSlice, NbdExport
 
 log = logging.getLogger("liverestore.nbd")
 
@@ -317,8 +317,15 @@ class NbdServer:
         async with lock:
             if writer.is_closing():
                 return
-            writer.writelines(out)
             with contextlib.suppress(ConnectionError):
+                for part in out:
+                    if isinstance(part, FileSlice):
+                        await writer.drain()
+                        await asyncio.get_running_loop().sendfile(
+                            writer.transport, part.file, part.offset, part.length
+                        )
+                    else:
+                        writer.write(part)
                 await writer.drain()
 
     @staticmethod
@@ -337,7 +344,7 @@ class NbdServer:
         offset: int,
         length: int,
         payload: bytes,
-    ) -> list[bytes]:
+    ) -> Sequence[bytes | FileSlice]:
         if cmd not in (p.CMD_FLUSH,) and (offset + length > export.size):
             raise ExportError(p.EINVAL, f"request {offset}+{length} is past the end ({export.size})")
         ok = (
@@ -349,6 +356,8 @@ class NbdServer:
             if length > p.MAX_REQUEST:
                 raise ExportError(p.EOVERFLOW, f"read of {length} bytes exceeds the maximum")
             data = await export.read(offset, length)
+            if isinstance(data, FileSlice) and data.length != length:
+                raise ExportError(p.EIO, "short read from the cache")
             if not sess.structured:
                 return [p.simple_reply(0, handle), data]
             hdr = p.structured_header(p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA, handle, 8 + length)
