@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-MAX_EVENTS = 2_000_000  # ~100 MB worst case; a boot is a few thousand reads
+MAX_EVENTS = 500_000  # the newest reads are kept (~50 MB); a boot is a few thousand
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AccessEvent:
     t: float  # time.monotonic()
     export: str
@@ -22,16 +23,15 @@ class AccessEvent:
 
 class AccessRecorder:
     def __init__(self, log_path: Path | None = None) -> None:
-        self.events: list[AccessEvent] = []
+        self.events: deque[AccessEvent] = deque(maxlen=MAX_EVENTS)
         self.dropped = 0
         self._file: TextIO | None = open(log_path, "a", buffering=1 << 16) if log_path else None  # noqa: SIM115
 
     def record(self, export: str, offset: int, length: int, hit: bool) -> None:
         ev = AccessEvent(time.monotonic(), export, offset, length, hit)
-        if len(self.events) < MAX_EVENTS:
-            self.events.append(ev)
-        else:
-            self.dropped += 1
+        if len(self.events) == MAX_EVENTS:
+            self.dropped += 1  # the oldest read falls out of the ring
+        self.events.append(ev)
         if self._file:
             self._file.write(
                 json.dumps(
