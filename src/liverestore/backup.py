@@ -6,7 +6,7 @@ import os
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from liverestore.diskimage import iter_blocks, open_as_raw
@@ -25,14 +25,12 @@ class BackupStats:
     bytes_read: int = 0
     bytes_virtual: int = 0
     bytes_new_stored: int = 0
-    blocks_total: int = 0
     blocks_zero: int = 0
     blocks_new: int = 0
-    per_disk: dict[str, int] = field(default_factory=dict)
 
 
 def disk_name_of(path: Path) -> str:
-    return check_name("disk", path.name.split(".")[0] if "." in path.name else path.name)
+    return check_name("disk", path.stem or path.name)  # "web01-root.qcow2" → "web01-root"
 
 
 class _BlockStorer:
@@ -89,7 +87,6 @@ def backup_disk(
                 drain(0)
         finally:
             os.close(fd)
-    stats.blocks_total += count
     stats.blocks_zero += sum(1 for c in blocks if c is None)  # zero blocks and holes alike
     stats.bytes_virtual += size
     if progress:
@@ -124,9 +121,7 @@ def run_backup(
     stats = BackupStats()
     records: list[DiskRecord] = []
     for path, name in zip(disks, names, strict=True):
-        before = stats.bytes_new_stored
         manifest = backup_disk(repo, path, prev_manifests.get(name), stats, progress)
-        stats.per_disk[name] = stats.bytes_new_stored - before
         records.append(repo.store_manifest(manifest))
 
     cfg_records = []

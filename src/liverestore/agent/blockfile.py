@@ -8,8 +8,6 @@ does not hold — after ``kill -9`` or a power cut the worst case is refetching 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import os
 import struct
@@ -98,13 +96,6 @@ class BlockFile:
             data += bytes(length - len(data))
         return data
 
-    def punch(self, offset: int, length: int) -> None:
-        """Turn a range into zeros without allocating (FALLOC_FL_PUNCH_HOLE, else plain zeros)."""
-        try:
-            _punch_hole(self.fd, offset, length)
-        except OSError:
-            self.pwrite(bytes(length), offset)
-
     def persist(self) -> None:
         """Safe to call from a worker thread; serialised with ``close`` by ``_persist_lock``."""
         with self._persist_lock:
@@ -131,14 +122,3 @@ class BlockFile:
                     self.file.close()
                     os.close(self.fd)
                     self.fd = -1
-
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    mode = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))

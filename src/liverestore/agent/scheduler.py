@@ -139,9 +139,6 @@ class FetchScheduler:
     def queued(self, cls: FetchClass) -> int:
         return self.stats[cls].queued
 
-    def running(self, cls: FetchClass | None = None) -> int:
-        return sum(self._running.values()) if cls is None else self._running[cls]
-
     def snapshot(self) -> dict[str, object]:
         return {
             "mode": str(self.mode),

@@ -60,9 +60,6 @@ class ChunkStore:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
-    def has(self, cid: str) -> bool:
-        return self._path(cid).exists()
-
     def put(self, data: bytes, cid: str | None = None) -> tuple[str, int]:
         """Store ``data`` unless present; return (chunk id, bytes newly written)."""
         cid = cid or chunk_id(data)

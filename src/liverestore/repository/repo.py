@@ -33,10 +33,6 @@ class RestorePoint:
     def vm(self) -> str:
         return self.record.vm
 
-    @property
-    def disk_names(self) -> list[str]:
-        return [d.name for d in self.record.disks]
-
 
 class Repository:
     def __init__(self, root: Path) -> None:
