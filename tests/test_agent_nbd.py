@@ -171,3 +171,25 @@ def test_corrupt_chunk_fails_that_read_only(
     c.close()
     r = run("qemu-img", "convert", "-f", "raw", "-O", "raw", agent.uri("disk0"), str(tmp_path / "copy"))
     assert r.returncode != 0  # a full copy must fail loudly, not produce wrong data
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_cached_reads_every_path_same_bytes(
+    repo: Repository,
+    point: RestorePoint,
+    disk: tuple[Path, bytes],
+    start_agent: AgentFactory,
+    structured: bool,
+) -> None:
+    """Small cached reads are answered inline, large ones by sendfile, misses through the scheduler:
+    all three must give the same bytes, with simple and structured replies."""
+    agent = start_agent(repo, point)
+    c = NbdClient("127.0.0.1", agent.port, "vm1/disk0", structured=structured)
+    content = disk[1]
+    spans = [(1 * MiB + 100, 4096), (1 * MiB, 2 * MiB), (3 * MiB - 10, 20), (20 * MiB, 1 * MiB + 7)]
+    for _ in range(2):  # first round misses, second round hits the cache
+        for offset, length in spans:
+            assert c.read(offset, length) == content[offset : offset + length], (offset, length)
+    m = agent.agent.metrics
+    assert m.read_hits >= len(spans) and m.read_misses >= 1
+    c.close()

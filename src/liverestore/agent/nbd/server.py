@@ -281,6 +281,23 @@ class NbdServer:
                     payload = await reader.readexactly(length)
                 if cmd == p.CMD_DISC:
                     break
+                if (
+                    cmd == p.CMD_READ
+                    and not lock.locked()
+                    and (data := export.read_now(offset, length)) is not None
+                ):
+                    # answered inline: nothing else is mid-reply (no sendfile in progress), so this
+                    # whole reply goes into the transport in one piece
+                    if sess.structured:
+                        hdr = p.structured_header(
+                            p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA, handle, 8 + length
+                        )
+                        writer.write(hdr + struct.pack(">Q", offset) + data)
+                    else:
+                        writer.write(p.simple_reply(0, handle) + data)
+                    if writer.transport.get_write_buffer_size() > 1024 * 1024:
+                        await writer.drain()
+                    continue
                 await slots.acquire()
                 task = asyncio.create_task(
                     self._request(writer, lock, export, sess, flags, cmd, handle, offset, length, payload)
