@@ -26,7 +26,7 @@ from liverestore import profile as profiles
 from liverestore.agent.agent import AgentConfig, MediaAgent
 from liverestore.agent.prefetch import RelocationPrefetcher, start_background
 from liverestore.agent.scheduler import FetchClass, Mode
-from liverestore.agent.source import BlockSource, RepositorySource, ThrottledSource
+from liverestore.agent.source import repository_source
 from liverestore.errors import LiverestoreError
 from liverestore.hypervisor.base import DiskAttachment, Hypervisor
 from liverestore.hypervisor.qemu import QemuVM
@@ -250,11 +250,7 @@ class InstantRestore:
         self.report.serial_log = str(self.vm.serial_log)
         if opts.relocate:
             self._save_state("running-from-backup")
-        if opts.boot_marker:
-            booted = await self.vm.wait_for_console(opts.boot_marker, opts.boot_timeout_s)
-        else:
-            await asyncio.sleep(opts.boot_window_s)
-            booted = time.monotonic()
+        booted = await _wait_for_boot(self.vm, opts)
         self.report.time_to_boot_s = round(booted - self._t0, 3)
         self.report.boot_after_launch_s = round(booted - launched, 3)
         boot_events = self.agent.recorder.since(launched, booted)
@@ -427,17 +423,21 @@ class InstantRestore:
             await self.vm.stop()
 
 
-async def classic_restore(
-    repo: Repository, opts: RestoreOptions, on_status: Callable[[Status], None] | None = None
-) -> tuple[RestoreReport, QemuVM]:
+async def _wait_for_boot(vm: Hypervisor, opts: RestoreOptions) -> float:
+    """When the guest counts as up: its marker on the console, or the end of the boot window."""
+    if opts.boot_marker:
+        return await vm.wait_for_console(opts.boot_marker, opts.boot_timeout_s)
+    await asyncio.sleep(opts.boot_window_s)
+    return time.monotonic()
+
+
+async def classic_restore(repo: Repository, opts: RestoreOptions) -> tuple[RestoreReport, QemuVM]:
     """The baseline: copy every block to the destination first, then boot from the local copy."""
     point = repo.get_point(opts.vm, opts.point)
     report = RestoreReport(vm=point.vm, point=point.id, mode="classic")
     t0 = time.monotonic()
     finals = _prepare_dest(opts.dest, point)
-    source: BlockSource = RepositorySource(repo)
-    if opts.repo_latency_ms or opts.repo_mbps:
-        source = ThrottledSource(source, opts.repo_latency_ms, opts.repo_mbps)
+    source = repository_source(repo, opts.repo_latency_ms, opts.repo_mbps)
     sem = asyncio.Semaphore(opts.fetch_slots)
     attachments = []
     try:
@@ -472,11 +472,7 @@ async def classic_restore(
     vm = QemuVM(opts.dest / f".{point.vm}.vm", memory_mb=opts.memory_mb, accel=opts.accel)
     launched = time.monotonic()
     await vm.launch(attachments)
-    if opts.boot_marker:
-        booted = await vm.wait_for_console(opts.boot_marker, opts.boot_timeout_s)
-    else:
-        await asyncio.sleep(opts.boot_window_s)
-        booted = time.monotonic()
+    booted = await _wait_for_boot(vm, opts)
     report.phases["launch"] = round(booted - launched, 3)
     report.time_to_boot_s = round(booted - t0, 3)
     report.boot_after_launch_s = round(booted - launched, 3)

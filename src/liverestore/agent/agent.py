@@ -15,7 +15,7 @@ from liverestore.agent.metrics import Metrics
 from liverestore.agent.nbd.server import NbdServer
 from liverestore.agent.recorder import AccessRecorder
 from liverestore.agent.scheduler import FetchClass, FetchScheduler, Mode
-from liverestore.agent.source import BlockSource, RepositorySource, RetryingSource, ThrottledSource
+from liverestore.agent.source import RetryingSource, repository_source
 from liverestore.errors import LiverestoreError
 from liverestore.repository import Repository, RestorePoint
 
@@ -44,9 +44,7 @@ class MediaAgent:
         self.metrics = Metrics()
         self.recorder = AccessRecorder(config.access_log)
         self.scheduler = FetchScheduler(slots=config.fetch_slots, mode=config.mode)
-        source: BlockSource = RepositorySource(repo)
-        if config.repo_latency_ms > 0 or config.repo_mbps > 0:
-            source = ThrottledSource(source, config.repo_latency_ms, config.repo_mbps)
+        source = repository_source(repo, config.repo_latency_ms, config.repo_mbps)
         self.retrying = RetryingSource(source, deadline_s=config.repo_retry_s)
         source = self.source = self.retrying
         self.cache_dir = config.cache_dir / f"{point.vm}-{point.id}"

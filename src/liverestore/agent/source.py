@@ -99,3 +99,11 @@ class RetryingSource:
                 self.available = True
                 log.warning("repository is back after an outage; resuming")
             return got
+
+
+def repository_source(repo: Repository, latency_ms: float = 0.0, mbps: float = 0.0) -> BlockSource:
+    """The repository, behind the slow-repository emulation when one is asked for."""
+    source: BlockSource = RepositorySource(repo)
+    if latency_ms > 0 or mbps > 0:
+        source = ThrottledSource(source, latency_ms, mbps)
+    return source

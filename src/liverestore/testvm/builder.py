@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from liverestore.diskimage import data_ranges
 from liverestore.errors import LiverestoreError
 from liverestore.testvm.cpio import NewcWriter
 
@@ -152,19 +153,10 @@ def _mbr(disk_size: int) -> bytes:
 def _copy_into(src: Path, dst_fd: int, offset: int) -> None:
     """Copy only the data ranges of a sparse image into the disk, keeping the disk sparse."""
     with open(src, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(f.fileno(), pos, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(f.fileno(), start, os.SEEK_HOLE)
-            while start < end:
-                n = min(end - start, 8 * MiB)
-                os.pwrite(dst_fd, os.pread(f.fileno(), n, start), offset + start)
-                start += n
-            pos = end
+        for start, end in data_ranges(f.fileno(), os.fstat(f.fileno()).st_size):
+            for pos in range(start, end, 8 * MiB):
+                n = min(end - pos, 8 * MiB)
+                os.pwrite(dst_fd, os.pread(f.fileno(), n, pos), offset + pos)
 
 
 def build_test_vm(
