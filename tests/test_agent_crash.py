@@ -15,6 +15,7 @@ from pathlib import Path
 
 from liverestore.hypervisor.base import DiskAttachment
 from liverestore.hypervisor.qemu import QemuVM
+from liverestore.hypervisor.vmspec import default_spec
 from tests.vmfixtures import VmBackup
 
 
@@ -57,7 +58,7 @@ def test_guest_survives_agent_kill9(vm_backup: VmBackup, tmp_path: Path) -> None
     async def go() -> str:
         nonlocal agent
         vm = QemuVM(tmp_path / "vm")
-        await vm.launch(disks)
+        await vm.launch(default_spec("testvm", [d.name for d in disks]), disks)
         try:
             await vm.wait_for_console("BOOT-OK", 300)
             before = _status(port)

@@ -192,7 +192,7 @@ def test_orchestrator_killed_mid_relocation_then_resumed(vm_backup: VmBackup, tm
     st = json.loads(state.read_text())
     assert st["state"] == "relocating", "the restore finished before it could be interrupted"
     assert not list(dest.glob("*.raw")), "an interrupted relocation must not leave a complete-looking disk"
-    qemu_pid = st["qemu_pid"]
+    qemu_pid = st["driver"]["pid"]
 
     r = subprocess.run([*base, "--resume", "--json"], capture_output=True, text=True, timeout=600)
     try:
@@ -207,7 +207,7 @@ def test_orchestrator_killed_mid_relocation_then_resumed(vm_backup: VmBackup, tm
         async def check_guest() -> None:  # the same guest, still alive, now on primary storage
             from liverestore.hypervisor.qemu import QemuVM
 
-            vm = QemuVM(Path(st["vm_dir"]))
+            vm = QemuVM(Path(st["driver"]["workdir"]))
             assert vm.attach(qemu_pid, [])
             await vm.connect()
             mark = len(vm.serial_output())

@@ -53,11 +53,11 @@ class _BlockStorer:
 def backup_disk(
     repo: Repository,
     path: Path,
+    name: str,
     previous: DiskManifest | None,
     stats: BackupStats,
     progress: ProgressFn | None,
 ) -> DiskManifest:
-    name = disk_name_of(path)
     bs = repo.block_size
     known = set(c for c in previous.blocks if c) if previous and previous.block_size == bs else set()
     storer = _BlockStorer(repo, known)
@@ -100,11 +100,16 @@ def run_backup(
     disks: list[Path],
     configs: list[Path],
     progress: ProgressFn | None = None,
+    *,
+    disk_names: list[str] | None = None,
+    extra_configs: dict[str, bytes] | None = None,
 ) -> tuple[RestorePoint, BackupStats]:
+    """Back up ``disks`` (named by ``disk_names``, else by file stem) and config files; commit
+    one restore point. ``extra_configs`` are configs given as bytes (a libvirt domain XML)."""
     check_name("VM", vm)
     if not disks:
         raise LiverestoreError("give at least one disk to back up")
-    names = [disk_name_of(d) for d in disks]
+    names = [check_name("disk", n) for n in disk_names] if disk_names else [disk_name_of(d) for d in disks]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise LiverestoreError(f"two disks would share the name {dupes[0]!r}: rename one of them")
@@ -121,14 +126,14 @@ def run_backup(
     stats = BackupStats()
     records: list[DiskRecord] = []
     for path, name in zip(disks, names, strict=True):
-        manifest = backup_disk(repo, path, prev_manifests.get(name), stats, progress)
+        manifest = backup_disk(repo, path, name, prev_manifests.get(name), stats, progress)
         records.append(repo.store_manifest(manifest))
 
     cfg_records = []
-    for c in configs:
-        data = c.read_bytes()
+    blobs = [(c.name, c.read_bytes()) for c in configs] + sorted((extra_configs or {}).items())
+    for filename, data in blobs:
         cid, written = repo.chunks.put(data)
         stats.bytes_new_stored += written
-        cfg_records.append(ConfigRecord(filename=c.name, chunk_id=cid, size=len(data)))
+        cfg_records.append(ConfigRecord(filename=filename, chunk_id=cid, size=len(data)))
     point = repo.commit_point(vm, records, cfg_records, stats.bytes_new_stored)
     return point, stats

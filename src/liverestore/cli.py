@@ -84,20 +84,42 @@ def parse_size(text: str) -> int:
 
 @cli.command()
 @repo_option
-@click.option("--vm", required=True, help="VM name.")
+@click.option("--vm", default=None, help="VM name (default with --domain: the domain's name).")
 @click.option("--config", "configs", multiple=True, type=click.Path(path_type=Path), help="VM config file.")
+@click.option("--libvirt", "libvirt_uri", is_flag=False, flag_value="qemu:///system", default=None,
+              metavar="[URI]", help="Back up a libvirt domain (URI default qemu:///system); needs --domain.")  # fmt: skip
+@click.option("--domain", default=None, help="The libvirt domain to back up (shut off).")
 @click.argument("disks", nargs=-1, type=click.Path(path_type=Path))
-def backup(repo_path: Path, vm: str, configs: tuple[Path, ...], disks: tuple[Path, ...]) -> None:
-    """Back up DISKS (raw or qcow2) of a VM; prints the new restore point id."""
+def backup(repo_path: Path, vm: str | None, configs: tuple[Path, ...], libvirt_uri: str | None,
+           domain: str | None, disks: tuple[Path, ...]) -> None:  # fmt: skip
+    """Back up DISKS (raw or qcow2) of a VM, or a libvirt domain with its definition; prints the
+    new restore point id."""
     from liverestore.backup import run_backup
     from liverestore.progress import byte_progress
 
     repo = _open_repo(repo_path)
+    names: list[str] | None = None
+    extra: dict[str, bytes] | None = None
+    if domain or libvirt_uri:
+        from liverestore.backup_libvirt import plan_domain_backup
+
+        if not domain:
+            raise LiverestoreError("--libvirt needs --domain NAME")
+        if disks:
+            raise LiverestoreError("with --domain the disks come from the domain's definition: give no DISK")
+        plan = plan_domain_backup(libvirt_uri or "qemu:///system", domain)
+        vm, disks, names, extra = vm or plan.vm, tuple(plan.disk_paths), plan.disk_names, plan.configs
+        for s in plan.skipped:
+            click.echo(f"not stored: {s}", err=True)
+    if not vm:
+        raise LiverestoreError("give --vm NAME (or --domain NAME with --libvirt)")
     with byte_progress("backup") as update:
-        point, stats = run_backup(repo, vm, list(disks), list(configs), update)
+        point, stats = run_backup(repo, vm, list(disks), list(configs), update, disk_names=names,
+                                  extra_configs=extra)  # fmt: skip
     click.echo(point.id)
     click.echo(
-        f"backed up {len(disks)} disk(s), {stats.bytes_virtual / 2**20:.1f} MiB virtual, "
+        f"backed up {len(disks)} disk(s){' and the domain definition' if extra else ''}, "
+        f"{stats.bytes_virtual / 2**20:.1f} MiB virtual, "
         f"{stats.bytes_read / 2**20:.1f} MiB read, {stats.bytes_new_stored / 2**20:.2f} MiB new in repository",
         err=True,
     )
@@ -229,6 +251,43 @@ def verify(repo_path: Path, vm: str | None) -> None:
     if not report.ok:
         raise LiverestoreError(f"{len(report.problems)} problem(s) found; {summary}")
     click.echo(f"ok: {summary}")
+
+
+@cli.group()
+def cache() -> None:
+    """List or prune read-caches (one per VM and restore point)."""
+
+
+cache_dir_option = click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                                help="Cache root (default: the data dir's cache/).")  # fmt: skip
+
+
+@cache.command("list")
+@cache_dir_option
+def cache_list(cache_dir: Path | None) -> None:
+    from liverestore.cachedirs import list_caches
+
+    root = cache_dir or default_data_dir() / "cache"
+    entries = list_caches(root)
+    if not entries:
+        click.echo(f"no read-caches in {root}")
+    for e in entries:
+        click.echo(f"{e.path.name:40} {e.bytes / 2**20:10.1f} MiB  idle {e.idle_s / 3600:7.1f} h"
+                   f"{'  IN USE' if e.in_use else ''}")  # fmt: skip
+
+
+@cache.command("prune")
+@cache_dir_option
+@click.option("--older-than", default="0", show_default=True,
+              help="Only caches idle at least this long (e.g. 12h, 7d; plain number: hours).")  # fmt: skip
+def cache_prune(cache_dir: Path | None, older_than: str) -> None:
+    """Remove read-caches no agent or restore is using (a cache in use is never touched)."""
+    from liverestore.cachedirs import parse_age, prune_caches
+
+    root = cache_dir or default_data_dir() / "cache"
+    removed, kept_in_use, freed = prune_caches(root, parse_age(older_than))
+    click.echo(f"removed {len(removed)} read-cache(s), {freed / 2**20:.1f} MiB freed; "
+               f"{kept_in_use} in use and kept")  # fmt: skip
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import click
 
 from liverestore import profile as profiles
 from liverestore.errors import LiverestoreError
+from liverestore.names import check_name
 from liverestore.progress import restore_display
 from liverestore.repository import Repository
 from liverestore.restore import InstantRestore, RestoreOptions, RestoreReport, classic_restore
@@ -43,9 +44,11 @@ def run_cancellable(coro: Any) -> Any:
 
 def render_report(r: RestoreReport) -> str:
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in r.phases.items())
+    renamed = f" as {r.name}" if r.name and r.name != r.vm else ""
     lines = [
-        f"{r.mode} restore of {r.vm} (point {r.point}): booted in {r.time_to_boot_s:.2f} s "
-        f"({r.boot_after_launch_s:.2f} s after launch)",
+        f"{r.mode} restore of {r.vm}{renamed} (point {r.point}, {r.hypervisor} driver): booted in "
+        f"{r.time_to_boot_s:.2f} s ({r.boot_after_launch_s:.2f} s after launch; up by {r.boot_detected_by})",
+        f"  {r.vm_identity}",
         f"  phases: {phases}",
         f"  repository: {r.blocks_fetched} blocks, {r.bytes_fetched / 2**20:.1f} MiB fetched "
         f"({r.bytes_fetched_stored / 2**20:.1f} MiB transferred)",
@@ -56,6 +59,11 @@ def render_report(r: RestoreReport) -> str:
             f"hit rate {100 * r.hit_rate:.1f} %); boot reads from cache {r.boot_reads_from_cache}/{r.boot_reads}; "
             f"profile {r.profile_prefetched}/{r.profile_blocks} blocks prefetched"
         )
+        lines.append(
+            f"  read-cache at start: {r.cache_start}"
+            + (f" ({r.cache_blocks_at_start} blocks already cached: hit rates say little about the profile)"
+               if r.cache_start == "warm" else "")
+        )  # fmt: skip
     for disk, path in r.destinations.items():
         lines.append(f"  disk {disk}: {path}")
     return "\n".join(lines)
@@ -66,14 +74,29 @@ def options_from(kw: dict[str, Any]) -> RestoreOptions:
 
     if kw["repo_latency_ms"] < 0 or kw["repo_mbps"] < 0:
         raise LiverestoreError("--repo-latency-ms and --repo-mbps must not be negative")
+    if kw.get("name"):
+        check_name("VM", kw["name"])
     return RestoreOptions(
         vm=kw["vm"], point=kw["point"], dest=kw["dest"],
         cache_dir=kw["cache_dir"] or default_data_dir() / "cache",
         relocate=not kw["no_relocate"], use_profile=not kw["no_profile"],
         repo_latency_ms=kw["repo_latency_ms"], repo_mbps=kw["repo_mbps"],
         boot_marker=kw["boot_marker"] or None, boot_window_s=kw["boot_window"], accel=kw["accel"],
-        memory_mb=kw["memory"],
+        boot_quiet_s=kw.get("boot_quiet", 8.0), memory_mb=kw["memory"],
+        hypervisor=kw.get("hypervisor", "auto"), name=kw.get("name") or None,
+        network_map=parse_network_map(kw.get("network_map", ())), no_network=kw.get("no_network", False),
+        dest_format=kw.get("dest_format", "raw"), keep_cache=kw.get("keep_cache", False),
     )  # fmt: skip
+
+
+def parse_network_map(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        old, sep, new = pair.partition("=")
+        if not sep or not old or not new:
+            raise LiverestoreError(f"--network-map {pair!r}: expected OLD=NEW (network or bridge names)")
+        out[old] = new
+    return out
 
 
 @click.command()
@@ -93,9 +116,23 @@ def options_from(kw: dict[str, Any]) -> RestoreOptions:
 )
 @click.option("--boot-window", type=float, default=20.0, show_default=True,
               help="Without a marker: seconds after launch counted as boot (and recorded as its profile).")  # fmt: skip
-@click.option("--accel", default="tcg", show_default=True, help="QEMU accelerator (tcg or kvm).")
-@click.option("--memory", type=int, default=512, show_default=True, help="Guest memory in MiB.")
-@click.option("--stop-after", is_flag=True, help="Power the VM off once restored (tests, demos).")
+@click.option("--boot-quiet", type=float, default=8.0, show_default=True,
+              help="Without a marker or guest agent: the guest is up once its reads from backup pause this long.")  # fmt: skip
+@click.option("--hypervisor", default="auto", show_default=True,
+              help="auto (libvirt when the point holds a domain definition and libvirt answers), qemu, "
+                   "or libvirt[:URI].")  # fmt: skip
+@click.option("--name", default=None, help="Restore under a new name (new UUID and MAC addresses).")
+@click.option("--network-map", multiple=True, metavar="OLD=NEW", help="Attach NICs of network OLD to NEW.")
+@click.option("--no-network", is_flag=True, help="Restore without NICs (host lacks the original networks).")
+@click.option("--format", "dest_format", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True,
+              help="Format of the relocated disks.")  # fmt: skip
+@click.option("--keep-cache", is_flag=True, help="Keep the read-cache after relocation (default: remove it).")
+@click.option("--accel", default="tcg", show_default=True, help="QEMU accelerator (tcg or kvm; qemu driver).")
+@click.option("--memory", type=int, default=512, show_default=True,
+              help="Guest memory in MiB for bare-disk backups (a stored definition brings its own).")  # fmt: skip
+@click.option("--stop-after", is_flag=True, help="Shut the VM down once restored (ACPI, then forced).")
+@click.option("--shutdown-timeout", type=float, default=60.0, show_default=True,
+              help="With --stop-after: seconds the guest gets to power off before it is forced off.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def restore(**kw: Any) -> None:
     """Restore a VM: instantly from backup (then relocate live), or classically (copy, then boot)."""
@@ -107,7 +144,8 @@ def restore(**kw: Any) -> None:
             if not kw["instant"]:
                 report, vm = await classic_restore(repo, opts)
                 if kw["stop_after"]:
-                    await vm.stop()
+                    await vm.shutdown(kw["shutdown_timeout"])
+                await vm.close()
                 return report
             job = InstantRestore(repo, opts, show)
             report = await (job.resume() if kw["resume"] else job.run())
@@ -121,7 +159,7 @@ def restore(**kw: Any) -> None:
                 finally:
                     await job.close(stop_vm=True)
             else:
-                await job.close(stop_vm=kw["stop_after"])
+                await job.close(stop_vm=kw["stop_after"], shutdown_timeout=kw["shutdown_timeout"])
             return report
 
     report = run_cancellable(go())
@@ -173,7 +211,7 @@ def profile_record(**kw: Any) -> None:
     """Boot the VM from backup once (no relocation), record its boot reads, power it off."""
     repo = Repository.open(kw["repo_path"])
     kw.update(dest=kw.pop("work_dir"), no_relocate=True, no_profile=True, repo_latency_ms=0.0, repo_mbps=0.0,
-              memory=512)  # fmt: skip
+              memory=512, hypervisor="qemu")  # fmt: skip
     opts = options_from(kw)
 
     async def go() -> RestoreReport:

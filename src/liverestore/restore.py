@@ -5,8 +5,11 @@ background copy in relocation order, below guest reads) → relocate (blockdev-m
 of the mirror; guest reads and set 3 share the repository fairly) → pivot (the VM runs from
 primary storage; the agent is released; the profile learns this boot).
 
-Destinations are written as ``<disk>.raw.partial`` and renamed only after the pivot, so an
-interrupted restore never leaves a file that looks like a complete disk.
+What runs is the VM of the restore point: its stored libvirt definition when it has one (vCPUs,
+memory, firmware, buses, NICs), else a default for bare disks. Which hypervisor runs it is the
+``Hypervisor`` driver's business; this module never names one. Destination disks are
+``DEST/<name>-<disk>.<fmt>``; the restore state (``DEST/<name>.restore.json``) says ``complete``
+only after the pivot, and holds absolute paths only, so ``--resume`` works from any directory.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,9 +32,18 @@ from liverestore.agent.prefetch import RelocationPrefetcher, start_background
 from liverestore.agent.scheduler import FetchClass, Mode
 from liverestore.agent.source import repository_source
 from liverestore.errors import LiverestoreError
+from liverestore.hypervisor import adopt_hypervisor, open_hypervisor, resolve_choice
 from liverestore.hypervisor.base import DiskAttachment, Hypervisor
-from liverestore.hypervisor.qemu import QemuVM
-from liverestore.repository import Repository, RestorePoint
+from liverestore.hypervisor.vmspec import (
+    DOMAIN_CONFIG_NAME,
+    NVRAM_CONFIG_NAME,
+    VmSpec,
+    bare_domain_xml,
+    default_spec,
+    parse_domain,
+    retarget,
+)
+from liverestore.repository import DiskManifest, Repository, RestorePoint
 
 log = logging.getLogger("liverestore.restore")
 
@@ -53,9 +66,16 @@ class RestoreOptions:
     boot_marker: str | None = "BOOT-OK"
     boot_window_s: float = 20.0
     boot_timeout_s: float = 600.0
+    boot_quiet_s: float = 8.0  # without a marker or guest agent: guest reads quiet this long = up
     run_seconds: float = 0.0
-    memory_mb: int = 512
+    memory_mb: int = 512  # bare-disk backups only: a stored definition brings its own
     accel: str = "tcg"
+    hypervisor: str = "auto"  # auto | qemu | libvirt[:URI]
+    name: str | None = None  # restore under another name (new UUID and MACs)
+    network_map: dict[str, str] = field(default_factory=dict)
+    no_network: bool = False
+    dest_format: str = "raw"
+    keep_cache: bool = False  # else the read-cache is removed once the disks are relocated
 
 
 @dataclass
@@ -77,6 +97,12 @@ class RestoreReport:
     vm: str
     point: str
     mode: str
+    name: str = ""
+    hypervisor: str = ""
+    vm_identity: str = ""
+    boot_detected_by: str = ""
+    cache_start: str = "cold"  # "warm" when blocks were already cached before this restore
+    cache_blocks_at_start: int = 0
     phases: dict[str, float] = field(default_factory=dict)
     time_to_boot_s: float = 0.0
     boot_after_launch_s: float = 0.0
@@ -104,24 +130,67 @@ class RestoreReport:
         return asdict(self)
 
 
-def state_path(dest: Path, vm: str) -> Path:
-    return dest / f"{vm}.restore.json"
+def state_path(dest: Path, name: str) -> Path:
+    return dest.absolute() / f"{name}.restore.json"
 
 
-def _write_state(dest: Path, vm: str, state: str, **extra: Any) -> None:
-    doc = {"vm": vm, "state": state, "time": time.time(), **extra}
-    tmp = state_path(dest, vm).with_suffix(".tmp")
+def _write_state(dest: Path, name: str, state: str, **extra: Any) -> None:
+    doc = {"vm": name, "state": state, "time": time.time(), **extra}
+    path = state_path(dest, name)
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, state_path(dest, vm))
+    os.replace(tmp, path)
 
 
-def _prepare_dest(dest: Path, point: RestorePoint) -> dict[str, Path]:
+def load_spec(repo: Repository, point: RestorePoint, opts: RestoreOptions) -> VmSpec:
+    """The VM to run: the point's stored libvirt definition, or a default for bare disks; then
+    renamed / re-networked as asked. Every disk of the point must be a disk of the VM."""
+    xml_cfg = next((c for c in point.record.configs if c.filename == DOMAIN_CONFIG_NAME), None)
+    names = [d.name for d in point.record.disks]
+    if xml_cfg is None:
+        if opts.network_map or opts.no_network:
+            raise LiverestoreError(f"point {point.id} holds no VM definition, so it has no NICs to map")
+        spec = default_spec(point.vm, names, memory_mib=opts.memory_mb)
+        return retarget(spec, name=opts.name)
+    spec = parse_domain(repo.read_config(xml_cfg).decode())
+    missing = [n for n in names if spec.disk(n) is None]
+    if missing:
+        raise LiverestoreError(f"disk {missing[0]} of point {point.id} is not a disk of the stored definition")
+    return retarget(spec, name=opts.name, network_map=opts.network_map, no_network=opts.no_network)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each disk ends up: relocated disks (instant) or copied ones (CD-ROMs, classic)."""
+
+    relocated: dict[str, Path]
+    copied: dict[str, Path]
+    nvram: Path | None
+
+    @property
+    def all_files(self) -> list[Path]:
+        return [*self.relocated.values(), *self.copied.values(), *([self.nvram] if self.nvram else [])]
+
+
+def plan_placement(dest: Path, spec: VmSpec, point: RestorePoint, fmt: str, copy_all: bool) -> Placement:
+    relocated, copied = {}, {}
+    for d in point.record.disks:
+        ds = spec.disk(d.name)
+        if (ds is not None and ds.device == "cdrom") or copy_all:
+            ext = "iso" if ds is not None and ds.device == "cdrom" else "raw"
+            copied[d.name] = dest / f"{spec.name}-{d.name}.{ext}"
+        else:
+            relocated[d.name] = dest / f"{spec.name}-{d.name}.{fmt}"
+    has_nvram = any(c.filename == NVRAM_CONFIG_NAME for c in point.record.configs) and spec.nvram
+    return Placement(relocated, copied, dest / f"{spec.name}_VARS.fd" if has_nvram else None)
+
+
+def _prepare_dest(dest: Path, point: RestorePoint, placement: Placement) -> None:
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LiverestoreError(f"cannot create destination directory {dest}: {e.strerror}") from None
-    finals = {d.name: dest / f"{d.name}.raw" for d in point.record.disks}
-    for path in finals.values():
+    for path in placement.all_files:
         if path.exists():
             raise LiverestoreError(
                 f"{path} already exists; refusing to overwrite a disk (move it away first)"
@@ -132,7 +201,57 @@ def _prepare_dest(dest: Path, point: RestorePoint) -> dict[str, Path]:
         raise LiverestoreError(
             f"destination {dest} has {free / 2**20:.0f} MiB free; the disks need {need / 2**20:.0f} MiB"
         )
-    return finals
+
+
+async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: RestoreOptions,
+                    report: RestoreReport) -> None:
+    """Copy every allocated block of a disk to ``path`` (written as ``.partial``, renamed when
+    complete), at most ``fetch_slots`` blocks in flight: memory does not grow with the disk."""
+    source = repository_source(repo, opts.repo_latency_ms, opts.repo_mbps)
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, manifest.virtual_size)
+
+        async def copy(idx: int) -> None:
+            got = await source.fetch(manifest, idx)
+            os.pwrite(fd, got.data, idx * manifest.block_size)
+            report.blocks_fetched += 1
+            report.bytes_fetched += len(got.data)
+            report.bytes_fetched_stored += got.stored_bytes
+
+        inflight: set[asyncio.Task[None]] = set()
+        try:
+            for idx in manifest.allocated_blocks():
+                if len(inflight) >= opts.fetch_slots:
+                    done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                    for t in done:
+                        t.result()
+                inflight.add(asyncio.create_task(copy(idx)))
+            await asyncio.gather(*inflight)
+        except BaseException:
+            for t in inflight:
+                t.cancel()
+            raise
+        os.fsync(fd)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    os.replace(partial, path)
+
+
+async def restore_side_files(repo: Repository, point: RestorePoint, placement: Placement, opts: RestoreOptions,
+                             report: RestoreReport) -> None:
+    """What is copied before launch rather than served: CD-ROM images (read-only, small) and the
+    firmware's NVRAM (a UEFI guest cannot boot without its variables)."""
+    for rec in point.record.disks:
+        if rec.name in placement.copied:
+            await copy_disk(repo, repo.load_manifest(rec), placement.copied[rec.name], opts, report)
+    if placement.nvram is not None:
+        cfg = next(c for c in point.record.configs if c.filename == NVRAM_CONFIG_NAME)
+        placement.nvram.write_bytes(repo.read_config(cfg))
 
 
 class InstantRestore:
@@ -141,18 +260,23 @@ class InstantRestore:
     def __init__(
         self, repo: Repository, opts: RestoreOptions, on_status: Callable[[Status], None] | None = None
     ) -> None:
+        opts.dest = opts.dest.absolute()
+        opts.cache_dir = opts.cache_dir.absolute()
         self.repo = repo
         self.opts = opts
         self.on_status = on_status
         self.point = repo.get_point(opts.vm, opts.point)
-        self.report = RestoreReport(vm=self.point.vm, point=self.point.id, mode="instant")
+        self.name = opts.name or self.point.vm
+        self.report = RestoreReport(vm=self.point.vm, point=self.point.id, mode="instant", name=self.name)
         self.agent: MediaAgent | None = None
         self.vm: Hypervisor | None = None
         self.phase = "plan"
         self._t0 = time.monotonic()
         self._phase_t0 = self._t0
-        self._partials: dict[str, Path] = {}
-        self._finals: dict[str, Path] = {}
+        self._placement: Placement | None = None
+        self._created: list[Path] = []  # files this restore made; removed if it is aborted
+        self._adopted = False
+        self._spec: VmSpec | None = None
         self._relocation_fraction = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self.nbd_port = 0
@@ -186,6 +310,14 @@ class InstantRestore:
             self._emit()
             await asyncio.sleep(0.5)
 
+    def _start_agent(self, cache_dir: Path, port_point: RestorePoint, relocated: set[str]) -> MediaAgent:
+        """The agent serves only the disks that run from backup (CD-ROMs were copied first)."""
+        opts = self.opts
+        return MediaAgent(self.repo, port_point, AgentConfig(
+            cache_dir=cache_dir, repo_latency_ms=opts.repo_latency_ms, repo_mbps=opts.repo_mbps,
+            fetch_slots=opts.fetch_slots, mode=Mode.DEMAND_FIRST,
+        ), disks=relocated)  # fmt: skip
+
     # -- the phases ----------------------------------------------------------------------------
     async def run(self) -> RestoreReport:
         try:
@@ -197,16 +329,23 @@ class InstantRestore:
 
     async def _run(self) -> None:
         opts = self.opts
-        # plan
-        if opts.relocate:
-            self._finals = _prepare_dest(opts.dest, self.point)
-            self._partials = {n: p.with_name(p.name + ".partial") for n, p in self._finals.items()}
-            for p in self._partials.values():
-                p.unlink(missing_ok=True)
-        self.agent = MediaAgent(self.repo, self.point, AgentConfig(
-            cache_dir=opts.cache_dir, repo_latency_ms=opts.repo_latency_ms, repo_mbps=opts.repo_mbps,
-            fetch_slots=opts.fetch_slots, mode=Mode.DEMAND_FIRST,
-        ))  # fmt: skip
+        # plan: what to run, where its disks go, and every refusal before anything starts
+        spec = load_spec(self.repo, self.point, opts)
+        kind, uri = resolve_choice(opts.hypervisor, spec)
+        placement = self._placement = plan_placement(opts.dest, spec, self.point, opts.dest_format, copy_all=False)
+        if not opts.relocate:
+            placement = self._placement = Placement({}, placement.copied, placement.nvram)
+        vm = open_hypervisor(kind, uri, opts.dest / f".{self.name}.vm", opts.accel)
+        self.report.hypervisor = kind
+        _prepare_dest(opts.dest, self.point, placement)
+        relocated_names = {d.name for d in self.point.record.disks if d.name not in placement.copied}
+        vm.check(spec, self._placement.relocated)
+        log.info("restoring %s (point %s) as %s with the %s driver", self.point.vm, self.point.id, self.name, kind)
+        self._created = placement.all_files
+        await restore_side_files(self.repo, self.point, placement, opts, self.report)
+        self.agent = self._start_agent(opts.cache_dir, self.point, relocated_names)
+        self.report.cache_blocks_at_start = sum(e.read_cache.present for e in self.agent.exports.values())
+        self.report.cache_start = "warm" if self.report.cache_blocks_at_start else "cold"
         port = self.nbd_port = await self.agent.listen("127.0.0.1", 0)
         self._tasks.append(asyncio.create_task(self._ticker()))
         block_size = self.repo.block_size
@@ -238,19 +377,23 @@ class InstantRestore:
         # launch
         self._enter("launch")
         launched = time.monotonic()
-        self.vm = QemuVM(opts.dest / f".{self.point.vm}.vm", memory_mb=opts.memory_mb, accel=opts.accel)
+        self.vm = vm
         attachments = [
             DiskAttachment(
                 name=e.manifest.name, size=e.size, nbd_host="127.0.0.1", nbd_port=port, export=name,
-                overlay=opts.dest / f".{self.point.vm}.vm" / f"{e.manifest.name}.overlay.qcow2",
+                overlay=vm.workdir / f"{e.manifest.name}.overlay.qcow2",
             )
             for name, e in self.agent.exports.items()
+        ] + [
+            DiskAttachment(name=n, size=p.stat().st_size, local_path=p) for n, p in placement.copied.items()
         ]  # fmt: skip
-        await self.vm.launch(attachments)
-        self.report.serial_log = str(self.vm.serial_log)
+        await vm.launch(spec, attachments, nvram=placement.nvram)
+        self.report.vm_identity = vm.describe()
+        self.report.serial_log = str(vm.serial_log)
         if opts.relocate:
-            self._save_state("running-from-backup")
-        booted = await _wait_for_boot(self.vm, opts)
+            self._save_state("running-from-backup", spec)
+        booted, how = await wait_for_boot(vm, self.agent, opts, launched)
+        self.report.boot_detected_by = how
         self.report.time_to_boot_s = round(booted - self._t0, 3)
         self.report.boot_after_launch_s = round(booted - launched, 3)
         boot_events = self.agent.recorder.since(launched, booted)
@@ -261,7 +404,7 @@ class InstantRestore:
             trace = {n.split("/", 1)[1]: b for n, b in profiles.blocks_from_trace(boot_events, sizes).items()}
             merged = profiles.merge_run(self.repo.catalog.get_profile(self.point.vm), trace, block_size)
             self.repo.catalog.put_profile(self.point.vm, merged)
-        log.info("guest up %.2f s after launch (%.2f s after start)", booted - launched, booted - self._t0)
+        log.info("guest up %.2f s after launch (%.2f s after start; %s)", booted - launched, booted - self._t0, how)
 
         # run: set 2
         self._enter("run")
@@ -277,29 +420,35 @@ class InstantRestore:
 
         await self._relocate_and_pivot(restart_mirror=True)
 
-    def _save_state(self, state: str) -> None:
-        """Everything ``--resume`` needs to pick up a VM whose orchestrator died."""
-        assert self.vm is not None and self.vm.pid is not None and self.agent is not None
+    def _save_state(self, state: str, spec: VmSpec) -> None:
+        """Everything ``--resume`` needs to pick up a VM whose orchestrator died (absolute paths)."""
+        assert self.vm is not None and self.agent is not None and self._placement is not None
         _write_state(
-            self.opts.dest, self.point.vm, state, point=self.point.id, qemu_pid=self.vm.pid,
-            vm_dir=str(self.vm.workdir), nbd_port=self.nbd_port, cache_dir=str(self.opts.cache_dir),
-            disks=[{"name": d.name, "size": d.size, "export": d.export, "overlay": str(d.overlay),
-                    "partial": str(self._partials[d.name]), "final": str(self._finals[d.name])}
-                   for d in self.vm.disks],
+            self.opts.dest, self.name, state, point=self.point.id, source_vm=self.point.vm,
+            hypervisor=self.vm.kind, driver=self.vm.state(), nbd_port=self.nbd_port,
+            cache_dir=str(self.opts.cache_dir), spec_xml=spec.domain_xml or bare_domain_xml(spec),
+            files=[str(p) for p in self._placement.all_files],
+            disks=[{"name": e.manifest.name, "size": e.size, "export": n,
+                    "overlay": str(self.vm.workdir / f"{e.manifest.name}.overlay.qcow2"),
+                    "final": str(self._placement.relocated[e.manifest.name])}
+                   for n, e in self.agent.exports.items()],
+            copied={n: str(p) for n, p in self._placement.copied.items()},
         )  # fmt: skip
+        self._spec = spec
 
     async def _relocate_and_pivot(self, restart_mirror: bool) -> None:
-        assert self.agent is not None and self.vm is not None
+        assert self.agent is not None and self.vm is not None and self._placement is not None
         # relocate: set 3
         self._enter("relocate")
-        self._save_state("relocating")
+        if restart_mirror:
+            await self.vm.start_relocation(self._placement.relocated, self.opts.dest_format)
+        assert self._spec is not None
+        self._save_state("relocating", self._spec)
         self.agent.scheduler.cancel_queued(FetchClass.PREFETCH)
         self.agent.set_mode(Mode.FAIR)
         log.info("scheduler switched to fair: guest reads and relocation copies share the repository")
         for e in self.agent.exports.values() if self.opts.relocation_prefetch else ():
             self._tasks.append(asyncio.create_task(RelocationPrefetcher(e).run()))
-        if restart_mirror:
-            await self.vm.start_relocation(self._partials)
         while True:
             jobs = await self.vm.relocation_progress()
             total = sum(j.length for j in jobs)
@@ -313,55 +462,64 @@ class InstantRestore:
         # pivot
         self._enter("pivot")
         await self.vm.pivot()
-        for name, partial in self._partials.items():
-            os.replace(partial, self._finals[name])
-        self.report.destinations = {n: str(p) for n, p in self._finals.items()}
+        self.report.destinations = {n: str(p) for n, p in {**self._placement.relocated,
+                                                           **self._placement.copied}.items()}  # fmt: skip
         self.report.relocated = True
-        _write_state(self.opts.dest, self.point.vm, "complete", point=self.point.id,
+        self.report.vm_identity = self.vm.describe()
+        _write_state(self.opts.dest, self.name, "complete", point=self.point.id, hypervisor=self.vm.kind,
                      disks=self.report.destinations)  # fmt: skip
         self._collect()
+        cache_dir = self.agent.cache_dir
         await self.release_agent()
+        if not self.opts.keep_cache:
+            shutil.rmtree(cache_dir, ignore_errors=True)  # retention: a relocated VM needs no read-cache
+            log.info("read-cache %s removed (the disks are on primary storage now)", cache_dir)
         self._finish_phase()
 
     async def resume(self) -> RestoreReport:
         """Pick up a restore whose orchestrator died: same cache, same NBD port (QEMU reconnects
-        to it), the running mirror jobs if they survived, else a fresh mirror; then pivot."""
+        to it), the running copy jobs if they survived, else fresh ones; then pivot. A VM it
+        cannot adopt is left exactly as it is."""
         try:
             await self._resume()
         except BaseException:
-            await self.abort()
+            if self._adopted:
+                await self._abort_resume()
+            else:
+                await self.release_agent()
             raise
         return self.report
 
     async def _resume(self) -> None:
-        path = state_path(self.opts.dest, self.opts.vm)
+        path = state_path(self.opts.dest, self.name)
         try:
             st = json.loads(path.read_text())
         except (OSError, ValueError):
             raise LiverestoreError(f"nothing to resume: {path} is missing or unreadable") from None
         if st.get("state") == "complete":
-            raise LiverestoreError(f"the restore of {self.opts.vm} in {self.opts.dest} is already complete")
-        if st.get("state") not in ("running-from-backup", "relocating") or "qemu_pid" not in st:
+            raise LiverestoreError(f"the restore of {self.name} in {self.opts.dest} is already complete")
+        if st.get("state") not in ("running-from-backup", "relocating") or "driver" not in st:
             raise LiverestoreError(f"the restore in {self.opts.dest} is {st.get('state')}; start a new one")
-        self.point = self.repo.get_point(self.opts.vm, st["point"])
+        self.point = self.repo.get_point(st["source_vm"], st["point"])
         self.report.point, self.report.mode = self.point.id, "instant-resumed"
-        self._partials = {d["name"]: Path(d["partial"]) for d in st["disks"]}
-        self._finals = {d["name"]: Path(d["final"]) for d in st["disks"]}
+        spec = self._spec = parse_domain(st["spec_xml"])
+        self._placement = Placement({d["name"]: Path(d["final"]) for d in st["disks"]},
+                                    {n: Path(p) for n, p in st.get("copied", {}).items()},
+                                    Path(st["driver"]["nvram"]) if st["driver"].get("nvram") else None)  # fmt: skip
         disks = [DiskAttachment(name=d["name"], size=d["size"], nbd_host="127.0.0.1", nbd_port=st["nbd_port"],
                                 export=d["export"], overlay=Path(d["overlay"])) for d in st["disks"]]  # fmt: skip
-        vm = QemuVM(Path(st["vm_dir"]))
-        if not vm.attach(int(st["qemu_pid"]), disks):
-            raise LiverestoreError(f"the VM of the interrupted restore (pid {st['qemu_pid']}) is gone; "
-                                   "start a new restore")  # fmt: skip
+        disks += [DiskAttachment(name=n, size=p.stat().st_size if p.exists() else 0, local_path=p)
+                  for n, p in self._placement.copied.items()]  # fmt: skip
+        vm = adopt_hypervisor(st["hypervisor"], st["driver"], spec, disks)
         self.vm = vm
+        self.report.hypervisor = vm.kind
         self.report.serial_log = str(vm.serial_log)
-        self.agent = MediaAgent(self.repo, self.point, AgentConfig(
-            cache_dir=Path(st["cache_dir"]), repo_latency_ms=self.opts.repo_latency_ms,
-            repo_mbps=self.opts.repo_mbps, fetch_slots=self.opts.fetch_slots, mode=Mode.DEMAND_FIRST,
-        ))  # fmt: skip
+        self.agent = self._start_agent(Path(st["cache_dir"]), self.point, {d["name"] for d in st["disks"]})
         self.nbd_port = await self.agent.listen("127.0.0.1", int(st["nbd_port"]))
-        log.info("agent back on port %d; QEMU reconnects to it", self.nbd_port)
+        log.info("agent back on port %d; the VM reconnects to it", self.nbd_port)
         await vm.connect()
+        self._adopted = True
+        self.report.vm_identity = vm.describe()
         self.phase = "run"
         healthy = False
         if st["state"] == "relocating":
@@ -370,19 +528,28 @@ class InstantRestore:
             except LiverestoreError:
                 healthy = False
             if not healthy:
-                log.warning("the mirror did not survive the interruption; starting it again")
+                log.warning("the copy jobs did not survive the interruption; starting them again")
                 await self.vm.abort_relocation()
         await self._relocate_and_pivot(restart_mirror=not healthy)
+
+    async def _abort_resume(self) -> None:
+        """A resume that fails after adopting the VM cancels its copy but keeps the VM running from
+        backup: the guest's state matters more than the restore; ``--resume`` can be tried again."""
+        log.warning("resume failed in phase %s; the VM keeps running from backup", self.phase)
+        if self.vm is not None and self.phase in ("relocate", "pivot") and not self.report.relocated:
+            with contextlib.suppress(Exception):
+                await self.vm.abort_relocation()
+        await self.release_agent()
+        if self.vm is not None:
+            await self.vm.close()
 
     def _collect(self) -> None:
         assert self.agent is not None
         m = self.agent.metrics
         r = self.report
-        r.bytes_fetched, r.bytes_fetched_stored, r.blocks_fetched = (
-            m.bytes_fetched,
-            m.bytes_fetched_stored,
-            m.blocks_fetched,
-        )
+        r.bytes_fetched += m.bytes_fetched
+        r.bytes_fetched_stored += m.bytes_fetched_stored
+        r.blocks_fetched += m.blocks_fetched
         r.reads, r.reads_from_cache, r.reads_from_repository = m.reads, m.read_hits, m.read_misses
         r.hit_rate = round(m.hit_rate, 4)
         r.read_latency_p50_ms = m.latency.percentile(0.5)
@@ -403,7 +570,8 @@ class InstantRestore:
             self.agent = None
 
     async def abort(self) -> None:
-        """Stop everything; remove half-copied destinations so nothing incomplete looks done."""
+        """Stop the VM this restore started (a transient libvirt domain disappears with it) and
+        remove every file it made, so nothing incomplete looks done."""
         log.info("restore aborted in phase %s", self.phase)
         if self.vm is not None and self.phase in ("relocate", "pivot") and not self.report.relocated:
             with contextlib.suppress(Exception):
@@ -412,71 +580,77 @@ class InstantRestore:
             with contextlib.suppress(Exception):
                 await self.vm.stop()
         await self.release_agent()
-        for p in self._partials.values():
-            p.unlink(missing_ok=True)
+        if not self.report.relocated:
+            for p in self._created:
+                p.unlink(missing_ok=True)
+                p.with_name(p.name + ".partial").unlink(missing_ok=True)
         if self.vm is not None and self.opts.relocate and not self.report.relocated:
-            _write_state(self.opts.dest, self.point.vm, "aborted", point=self.point.id, phase=self.phase)
+            _write_state(self.opts.dest, self.name, "aborted", point=self.point.id, phase=self.phase)
+        if self.vm is not None:
+            with contextlib.suppress(Exception):
+                await self.vm.close()
 
-    async def close(self, stop_vm: bool = True) -> None:
+    async def close(self, stop_vm: bool = True, shutdown_timeout: float = 0) -> None:
+        """Release the agent; stop the VM (ACPI first when ``shutdown_timeout``) or leave it running."""
         await self.release_agent()
-        if stop_vm and self.vm is not None:
+        if self.vm is None:
+            return
+        if stop_vm and shutdown_timeout > 0:
+            await self.vm.shutdown(shutdown_timeout)
+        elif stop_vm:
             await self.vm.stop()
+        await self.vm.close()
 
 
-async def _wait_for_boot(vm: Hypervisor, opts: RestoreOptions) -> float:
-    """When the guest counts as up: its marker on the console, or the end of the boot window."""
+async def wait_for_boot(vm: Hypervisor, agent: MediaAgent | None, opts: RestoreOptions,
+                        launched: float) -> tuple[float, str]:
+    """When the guest counts as up, and how that was told: its marker on the console; else the
+    guest agent answering, or its reads from the backup going quiet; else the end of the window."""
     if opts.boot_marker:
-        return await vm.wait_for_console(opts.boot_marker, opts.boot_timeout_s)
-    await asyncio.sleep(opts.boot_window_s)
-    return time.monotonic()
+        return await vm.wait_for_console(opts.boot_marker, opts.boot_timeout_s), "console marker"
+    deadline = launched + opts.boot_window_s
+    while (now := time.monotonic()) < deadline:
+        if await vm.guest_agent_ready():
+            return time.monotonic(), "guest agent"
+        last = agent.recorder.last_read_at if agent is not None else None
+        if last is not None and last > launched and now - last >= opts.boot_quiet_s:
+            return last, f"guest reads quiet for {opts.boot_quiet_s:g} s"
+        if not vm.running:
+            raise LiverestoreError("the VM stopped while booting")
+        await asyncio.sleep(0.25)
+    return deadline, f"boot window ({opts.boot_window_s:g} s)"
 
 
-async def classic_restore(repo: Repository, opts: RestoreOptions) -> tuple[RestoreReport, QemuVM]:
+async def classic_restore(repo: Repository, opts: RestoreOptions) -> tuple[RestoreReport, Hypervisor]:
     """The baseline: copy every block to the destination first, then boot from the local copy."""
+    opts.dest = opts.dest.absolute()
     point = repo.get_point(opts.vm, opts.point)
-    report = RestoreReport(vm=point.vm, point=point.id, mode="classic")
+    spec = load_spec(repo, point, opts)
+    kind, uri = resolve_choice(opts.hypervisor, spec)
+    report = RestoreReport(vm=point.vm, point=point.id, mode="classic", name=spec.name, hypervisor=kind)
     t0 = time.monotonic()
-    finals = _prepare_dest(opts.dest, point)
-    source = repository_source(repo, opts.repo_latency_ms, opts.repo_mbps)
-    sem = asyncio.Semaphore(opts.fetch_slots)
-    attachments = []
+    placement = plan_placement(opts.dest, spec, point, opts.dest_format, copy_all=True)
+    _prepare_dest(opts.dest, point, placement)
+    vm = open_hypervisor(kind, uri, opts.dest / f".{spec.name}.vm", opts.accel)
+    vm.check(spec, {})
     try:
-        for rec in point.record.disks:
-            manifest = repo.load_manifest(rec)
-            partial = finals[rec.name].with_name(finals[rec.name].name + ".partial")
-            fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.ftruncate(fd, manifest.virtual_size)
-
-                async def copy(idx: int, fd: int = fd, manifest: Any = manifest) -> None:
-                    async with sem:
-                        got = await source.fetch(manifest, idx)
-                    os.pwrite(fd, got.data, idx * manifest.block_size)
-                    report.blocks_fetched += 1
-                    report.bytes_fetched += len(got.data)
-                    report.bytes_fetched_stored += got.stored_bytes
-
-                await asyncio.gather(*(copy(i) for i in manifest.allocated_blocks()))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(partial, finals[rec.name])
-            attachments.append(
-                DiskAttachment(name=rec.name, size=manifest.virtual_size, local_path=finals[rec.name])
-            )
+        await restore_side_files(repo, point, placement, opts, report)
     except BaseException:
-        for f in finals.values():
-            f.with_name(f.name + ".partial").unlink(missing_ok=True)
+        for p in placement.all_files:
+            p.unlink(missing_ok=True)
         raise
     report.phases["restore"] = round(time.monotonic() - t0, 3)
-    vm = QemuVM(opts.dest / f".{point.vm}.vm", memory_mb=opts.memory_mb, accel=opts.accel)
+    attachments = [DiskAttachment(name=n, size=p.stat().st_size, local_path=p) for n, p in placement.copied.items()]
     launched = time.monotonic()
-    await vm.launch(attachments)
-    booted = await _wait_for_boot(vm, opts)
+    await vm.launch(spec, attachments, nvram=placement.nvram)
+    await vm.persist()
+    booted, how = await wait_for_boot(vm, None, opts, launched)
+    report.boot_detected_by = how
     report.phases["launch"] = round(booted - launched, 3)
     report.time_to_boot_s = round(booted - t0, 3)
     report.boot_after_launch_s = round(booted - launched, 3)
-    report.destinations = {n: str(p) for n, p in finals.items()}
+    report.destinations = {n: str(p) for n, p in placement.copied.items()}
     report.relocated = True
     report.serial_log = str(vm.serial_log)
+    report.vm_identity = vm.describe()
     return report, vm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 from collections.abc import Iterable
@@ -36,8 +37,30 @@ class AgentConfig:
     repo_retry_s: float = 120.0  # how long a read waits for an unavailable repository
 
 
+CACHE_LOCK_NAME = ".lock"
+
+
+def lock_cache_dir(path: Path) -> int:
+    """Hold an exclusive ``flock`` on a cache directory for the agent's life: two agents writing
+    one cache would overwrite each other's blocks. A dead holder's lock goes with its process."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / CACHE_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise LiverestoreError(f"cannot use cache directory {path}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LiverestoreError(f"cache directory {path} is in use by another agent or restore "
+                               "(give this one another --cache-dir)") from None  # fmt: skip
+    return fd
+
+
 class MediaAgent:
-    def __init__(self, repo: Repository, point: RestorePoint, config: AgentConfig) -> None:
+    def __init__(
+        self, repo: Repository, point: RestorePoint, config: AgentConfig, disks: set[str] | None = None
+    ) -> None:
         self.repo = repo
         self.point = point
         self.config = config
@@ -48,8 +71,23 @@ class MediaAgent:
         self.retrying = RetryingSource(source, deadline_s=config.repo_retry_s)
         source = self.source = self.retrying
         self.cache_dir = config.cache_dir / f"{point.vm}-{point.id}"
+        self._lock_fd: int | None = lock_cache_dir(self.cache_dir)
         self.exports: dict[str, DiskExport] = {}
+        try:
+            self._open_exports(disks)
+        except BaseException:
+            for e in self.exports.values():
+                e.close()
+            os.close(self._lock_fd)
+            raise
+        self.server = NbdServer(self.exports)
+        self._persist_task: asyncio.Task[None] | None = None
+
+    def _open_exports(self, disks: set[str] | None) -> None:
+        repo, point, config, source = self.repo, self.point, self.config, self.source
         for rec in point.record.disks:
+            if disks is not None and rec.name not in disks:
+                continue
             manifest = repo.load_manifest(rec)
             name = f"{point.vm}/{rec.name}"
             self.exports[name] = DiskExport(
@@ -64,8 +102,6 @@ class MediaAgent:
                 writable=config.writable,
             )
         self._check_cache_space()
-        self.server = NbdServer(self.exports)
-        self._persist_task: asyncio.Task[None] | None = None
 
     def _check_cache_space(self) -> None:
         """Relocation brings every allocated block through the cache: refuse to start a restore
@@ -77,8 +113,6 @@ class MediaAgent:
         st = os.statvfs(self.cache_dir)
         free = st.f_bavail * st.f_frsize
         if free < need:
-            for e in self.exports.values():
-                e.close()
             raise LiverestoreError(
                 f"cache directory {self.cache_dir} has {free / 2**20:.0f} MiB free but this restore point "
                 f"needs {need / 2**20:.0f} MiB: choose another --cache-dir"
@@ -159,3 +193,6 @@ class MediaAgent:
         for e in self.exports.values():
             e.close()
         self.recorder.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the cache directory's lock
+            self._lock_fd = None

@@ -46,6 +46,11 @@ class AccessRecorder:
                 + "\n"
             )
 
+    @property
+    def last_read_at(self) -> float | None:
+        """When the newest read arrived (monotonic), or None before the first one."""
+        return self.events[-1].t if self.events else None
+
     def since(self, t: float, until: float | None = None) -> list[AccessEvent]:
         return [e for e in self.events if e.t >= t and (until is None or e.t <= until)]
 

@@ -1,16 +1,24 @@
-"""The small interface between restore orchestration and a hypervisor (QEMU now, libvirt later)."""
+"""The one interface between restore orchestration and a hypervisor (plain QEMU, libvirt).
+
+The orchestrator never names a driver: it hands over *what* to run (a ``VmSpec`` read from the
+restore point) and *where each disk reads from* (``DiskAttachment``), and gets back a running VM
+it can watch, relocate and pivot. Drivers never reach into the agent: an NBD address is all they
+know of it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
+
+from liverestore.hypervisor.vmspec import VmSpec
 
 
 @dataclass(frozen=True)
 class DiskAttachment:
-    """A guest disk: read from an NBD export with writes going to a local overlay, or (for the
-    classic restore path and the local-disk baseline) a plain local raw file."""
+    """A guest disk (``name`` is its target, e.g. ``vda``): read from an NBD export with writes
+    going to a local qcow2 overlay, or (classic restore, local baseline, CD-ROMs) a local file."""
 
     name: str
     size: int
@@ -33,30 +41,71 @@ class JobProgress:
 class Hypervisor(Protocol):
     """What restore orchestration needs from a hypervisor: one running VM and its relocation."""
 
-    workdir: Path
-    disks: list[DiskAttachment]
+    kind: str  # "qemu" | "libvirt": shown to the operator and kept in the restore state
+    workdir: Path  # this VM's scratch files: overlays, sockets, serial log
     serial_log: Path
 
     @property
     def pid(self) -> int | None: ...
 
-    async def launch(self, disks: list[DiskAttachment]) -> None: ...
+    @property
+    def running(self) -> bool: ...
+
+    def check(self, spec: VmSpec, destinations: dict[str, Path]) -> None:
+        """Refuse, before anything starts, what would fail or clobber something later."""
+        ...
+
+    async def launch(self, spec: VmSpec, disks: list[DiskAttachment], nvram: Path | None = None) -> None:
+        """Start the VM; ``nvram`` is its restored firmware variable store, if it has one."""
+        ...
+
+    async def connect(self) -> None:
+        """Reattach the control channel of an adopted VM."""
+        ...
+
+    def describe(self) -> str:
+        """One line naming the running VM: domain or process, pid, sockets."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """What ``adopt`` needs to find this VM again from another process (absolute paths only)."""
+        ...
 
     async def wait_for_console(self, marker: str, timeout: float, start: int = 0) -> float: ...
 
-    async def start_relocation(self, destinations: dict[str, Path]) -> None: ...
+    async def guest_agent_ready(self) -> bool | None:
+        """True when the guest agent answers, False when not yet, None when the VM has none."""
+        ...
+
+    async def start_relocation(self, destinations: dict[str, Path], fmt: str = "raw") -> None: ...
 
     async def relocation_progress(self, raise_on_failure: bool = True) -> list[JobProgress]: ...
 
-    async def pivot(self) -> None: ...
+    async def pivot(self) -> None:
+        """Switch every disk to its destination, drop the NBD-backed nodes and the overlays, and
+        leave the VM defined (where the hypervisor keeps definitions) on its new disks."""
+        ...
 
-    async def abort_relocation(self) -> None: ...
+    async def persist(self) -> None:
+        """Make the VM, as it now runs on local disks, known to the host's VM manager."""
+        ...
+
+    async def abort_relocation(self) -> None:
+        """Cancel the copies and remove every destination file this relocation created."""
+        ...
 
     def serial_output(self) -> str: ...
 
     async def send_console(self, line: str) -> None: ...
 
-    async def stop(self, graceful_timeout: float = 0) -> None: ...
+    async def shutdown(self, timeout: float) -> bool:
+        """ACPI power-down, waited for up to ``timeout``; then forced. True if the guest obeyed."""
+        ...
 
-    @property
-    def running(self) -> bool: ...
+    async def stop(self, graceful_timeout: float = 0) -> None:
+        """Stop the VM now (after waiting ``graceful_timeout`` for a guest-initiated power-off)."""
+        ...
+
+    async def close(self) -> None:
+        """Let go of the VM without stopping it (it keeps running, managed or not)."""
+        ...

@@ -2,11 +2,13 @@
 
 Node graph per disk ``d`` before the pivot::
 
-    virtio-blk (id dev-d) → qcow2 overlay (node ovl-d, guest writes) → nbd (node src-d, read-only)
+    device (id dev-d, on the disk's bus) → qcow2 overlay (node ovl-d, guest writes) → nbd (src-d)
 
 Relocation mirrors ``ovl-d`` (overlay + backing, so guest writes are carried over) into a sparse
-raw file (node dst-d). After ``block-job-complete`` the device sits on dst-d; ovl-d and src-d are
-``blockdev-del``'d so QEMU closes its NBD connection and the agent can be released.
+file ``<final>.partial`` (node dst-d over file node dstf-d). After ``block-job-complete`` the
+device sits on dst-d; ovl-d and src-d are ``blockdev-del``'d so QEMU closes its NBD connection
+and the agent can be released; the file is renamed to its final name and dst-d is reopened on it,
+so QEMU's view and the directory agree.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from qemu.qmp import QMPClient, QMPError
 
 from liverestore.errors import LiverestoreError
 from liverestore.hypervisor.base import DiskAttachment, JobProgress
+from liverestore.hypervisor.vmspec import DiskSpec, VmSpec
 
 log = logging.getLogger("liverestore.qemu")
 
@@ -34,19 +37,25 @@ NBD_RECONNECT_DELAY_S = 15  # QEMU retries a lost agent this long before failing
 
 
 class QemuVM:
-    def __init__(self, workdir: Path, memory_mb: int = 512, accel: str = "tcg", cpus: int = 1) -> None:
-        self.workdir = workdir
-        self.memory_mb = memory_mb
+    """A QEMU process of our own, driven over QMP. It runs the stored VM's vCPUs, memory, machine,
+    firmware, disk buses and NICs (user networking: QEMU alone has no host networks to join)."""
+
+    kind = "qemu"
+
+    def __init__(self, workdir: Path, accel: str = "tcg") -> None:
+        self.workdir = workdir.absolute()
         self.accel = accel
-        self.cpus = cpus
-        self.qmp_path = workdir / "qmp.sock"
-        self.serial_sock = workdir / "serial.sock"
-        self.serial_log = workdir / "serial.log"
+        self.qmp_path = self.workdir / "qmp.sock"
+        self.serial_sock = self.workdir / "serial.sock"
+        self.serial_log = self.workdir / "serial.log"
+        self.pidfile = self.workdir / "qemu.pid"
         self.proc: asyncio.subprocess.Process | None = None
         self.qmp: QMPClient | None = None
+        self.spec: VmSpec | None = None
         self.disks: list[DiskAttachment] = []
         self.destinations: dict[str, Path] = {}
-        self._stderr_path = workdir / "qemu.stderr"
+        self.dest_format = "raw"
+        self._stderr_path = self.workdir / "qemu.stderr"
         self._attached_pid: int | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -59,6 +68,29 @@ class QemuVM:
         if self.proc is not None:
             return self.proc.returncode is None
         return self._attached_pid is not None and _alive(self._attached_pid)
+
+    def describe(self) -> str:
+        name = self.spec.name if self.spec else "?"
+        return f"VM {name}: QEMU pid {self.pid}, QMP {self.qmp_path}, serial {self.serial_sock} (log {self.serial_log})"
+
+    def state(self) -> dict[str, Any]:
+        return {"pid": self.pid, "workdir": str(self.workdir), "dest_format": self.dest_format,
+                "destinations": {n: str(p) for n, p in self.destinations.items()}}  # fmt: skip
+
+    @classmethod
+    def adopt(cls, st: dict[str, Any], spec: VmSpec, disks: list[DiskAttachment]) -> QemuVM:
+        """Find the QEMU an earlier (dead) orchestrator started; a clear error if it is gone."""
+        vm = cls(Path(st["workdir"]))
+        if not vm.attach(int(st["pid"]), disks):
+            raise LiverestoreError(f"the VM of the interrupted restore (QEMU pid {st['pid']}) is gone; "
+                                   "start a new restore")  # fmt: skip
+        vm.spec = spec
+        vm.destinations = {n: Path(p) for n, p in st.get("destinations", {}).items()}
+        vm.dest_format = st.get("dest_format", "raw")
+        return vm
+
+    async def persist(self) -> None:
+        """Plain QEMU keeps no definitions: the running process is all there is."""
 
     def attach(self, pid: int, disks: list[DiskAttachment]) -> bool:
         """Adopt a QEMU started by an earlier (dead) orchestrator; False if it is gone."""
@@ -75,31 +107,55 @@ class QemuVM:
     async def connect(self) -> None:
         await self._connect_qmp()
 
-    async def launch(self, disks: list[DiskAttachment]) -> None:
-        binary = shutil.which("qemu-system-x86_64")
+    def check(self, spec: VmSpec, destinations: dict[str, Path]) -> None:
+        binary = shutil.which(_EMULATORS.get(spec.arch, f"qemu-system-{spec.arch}"))
         if binary is None:
-            raise LiverestoreError("qemu-system-x86_64 is not installed (run ./setup.sh)")
+            raise LiverestoreError(f"no QEMU for {spec.arch} guests is installed (run ./setup.sh)")
+        if spec.machine:
+            r = subprocess.run([binary, "-machine", "help"], capture_output=True, text=True, check=False)
+            if spec.machine.split(",")[0] not in r.stdout.split():
+                raise LiverestoreError(f"this host's QEMU has no machine type {spec.machine!r} "
+                                       f"(needed by {spec.name})")  # fmt: skip
+        if spec.loader and not Path(spec.loader).exists():
+            raise LiverestoreError(f"{spec.name} needs firmware {spec.loader}, which this host lacks")
+        for path in destinations.values():
+            if path.exists():
+                raise LiverestoreError(f"{path} already exists; refusing to overwrite a disk (move it away first)")
+
+    async def launch(self, spec: VmSpec, disks: list[DiskAttachment], nvram: Path | None = None) -> None:
+        binary = shutil.which(_EMULATORS.get(spec.arch, f"qemu-system-{spec.arch}"))
+        if binary is None:
+            raise LiverestoreError(f"no QEMU for {spec.arch} guests is installed (run ./setup.sh)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for p in (self.qmp_path, self.serial_sock, self.serial_log):
+        for p in (self.qmp_path, self.serial_sock, self.serial_log, self.pidfile):
             p.unlink(missing_ok=True)
-        self.disks = disks
+        self.spec, self.disks = spec, disks
         args = [
-            binary, "-name", "liverestore", "-accel", self.accel, "-m", str(self.memory_mb),
-            "-smp", str(self.cpus), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            binary, "-name", f"{spec.name},process=qemu:{spec.name}", "-accel", self.accel,
+            "-machine", spec.machine or "pc", "-m", str(spec.memory_mib), "-smp", str(spec.vcpus),
+            "-nodefaults", "-no-user-config", "-display", "none", "-pidfile", str(self.pidfile),
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-chardev", f"socket,id=ser0,path={self.serial_sock},server=on,wait=off,logfile={self.serial_log}",
             "-serial", "chardev:ser0",
         ]  # fmt: skip
-        for i, d in enumerate(disks):
-            args += _blockdev_args(d)
-            args += ["-device", f"virtio-blk-pci,drive=ovl-{d.name},id=dev-{d.name},bootindex={i + 1}"]
+        if spec.uuid:
+            args += ["-uuid", spec.uuid]
+        if spec.loader:
+            args += ["-drive", f"if=pflash,format=raw,readonly={'on' if spec.loader_readonly else 'off'},"
+                               f"file={spec.loader}"]  # fmt: skip
+            if nvram is not None:
+                args += ["-drive", f"if=pflash,format=raw,file={nvram}"]
+        args += _disk_args(spec, disks)
+        for i, nic in enumerate(spec.nics):
+            model = _NIC_MODELS.get(nic.model, nic.model)
+            args += ["-netdev", f"user,id=net{i}", "-device", f"{model},netdev=net{i},mac={nic.mac},id=nic{i}"]
         log.info("launching %s", " ".join(args))
         with open(self._stderr_path, "wb") as err:
             self.proc = await asyncio.create_subprocess_exec(
                 *args, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
             )
         await self._connect_qmp()
-
+        log.info("%s", self.describe())
     async def _connect_qmp(self) -> None:
         deadline = time.monotonic() + 30
         while not self.qmp_path.exists():
@@ -146,6 +202,31 @@ class QemuVM:
             with contextlib.suppress(Exception):
                 await self.qmp.disconnect()
             self.qmp = None
+
+    async def shutdown(self, timeout: float) -> bool:
+        """ACPI power button first (the guest flushes its journal); forced only after ``timeout``."""
+        if self.running and self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("system_powerdown"), 5)
+        deadline = time.monotonic() + timeout
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        obeyed = not self.running
+        if not obeyed:
+            log.warning("%s did not power off within %.0f s of the ACPI request; forcing it off",
+                        self.spec.name if self.spec else "the VM", timeout)  # fmt: skip
+        await self.stop()
+        return obeyed
+
+    async def close(self) -> None:
+        """Hang up QMP; QEMU keeps running (started in its own session, it outlives us)."""
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await self.qmp.disconnect()
+            self.qmp = None
+
+    async def guest_agent_ready(self) -> bool | None:
+        return None  # the plain driver wires no guest-agent channel
 
     async def _stop_attached(self, graceful_timeout: float) -> None:
         pid = self._attached_pid
@@ -198,17 +279,25 @@ class QemuVM:
             await asyncio.sleep(0.05)
 
     # -- relocation ----------------------------------------------------------------------------
-    async def start_relocation(self, destinations: dict[str, Path]) -> None:
-        self.destinations = destinations
+    def _staging(self, name: str) -> Path:
+        """Mirrors write to ``<final>.partial``: a file with a final name is always complete."""
+        final = self.destinations[name]
+        return final.with_name(final.name + ".partial")
+
+    async def start_relocation(self, destinations: dict[str, Path], fmt: str = "raw") -> None:
+        self.destinations, self.dest_format = dict(destinations), fmt
         for d in self.disks:
-            dest = destinations[d.name]
-            r = subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(dest), str(d.size)],
+            dest = self._staging(d.name)
+            r = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(dest), str(d.size)],
                                capture_output=True, text=True, check=False)  # fmt: skip
             if r.returncode != 0:
                 raise LiverestoreError(f"cannot create destination {dest}: {r.stderr.strip()}")
             await self.execute("blockdev-add", {
-                "driver": "raw", "node-name": f"dst-{d.name}", "discard": "unmap", "detect-zeroes": "unmap",
-                "file": {"driver": "file", "filename": str(dest), "discard": "unmap"},
+                "driver": "file", "node-name": f"dstf-{d.name}", "filename": str(dest), "discard": "unmap",
+            })  # fmt: skip
+            await self.execute("blockdev-add", {
+                "driver": fmt, "node-name": f"dst-{d.name}", "discard": "unmap", "detect-zeroes": "unmap",
+                "file": f"dstf-{d.name}",
             })  # fmt: skip
         for d in self.disks:
             await self.execute("blockdev-mirror", {
@@ -231,7 +320,8 @@ class QemuVM:
         return out
 
     async def pivot(self) -> None:
-        """Switch every disk to its destination together, then drop the NBD-backed nodes."""
+        """Switch every disk to its destination together, drop the NBD-backed nodes and overlays,
+        then give each destination its final name — in QEMU's node too, not only on disk."""
         for d in self.disks:
             await self.execute("block-job-complete", {"device": f"reloc-{d.name}"})
         deadline = time.monotonic() + 60
@@ -252,6 +342,27 @@ class QemuVM:
         for d in self.disks:
             await self.execute("blockdev-del", {"node-name": f"ovl-{d.name}"})
             await self.execute("blockdev-del", {"node-name": f"src-{d.name}"})
+            if d.overlay is not None:
+                d.overlay.unlink(missing_ok=True)
+        for d in self.disks:
+            final = self.destinations[d.name]
+            os.replace(self._staging(d.name), final)
+            # Two hops: a second locked open of the same file would conflict with the first one's
+            # image locks, so the intermediate node opens it unlocked, and the last one locked.
+            await self._swap_file_node(d.name, f"dstf-{d.name}", f"dstg-{d.name}", final, locking=False)
+            await self._swap_file_node(d.name, f"dstg-{d.name}", f"dstl-{d.name}", final, locking=True)
+
+    async def _swap_file_node(self, disk: str, old: str, new: str, filename: Path, locking: bool) -> None:
+        """Put the destination's format node dst-<disk> on a freshly opened file node."""
+        await self.execute("blockdev-add", {
+            "driver": "file", "node-name": new, "filename": str(filename), "discard": "unmap",
+            "locking": "on" if locking else "off",
+        })  # fmt: skip
+        await self.execute("blockdev-reopen", {"options": [{
+            "driver": self.dest_format, "node-name": f"dst-{disk}", "discard": "unmap",
+            "detect-zeroes": "unmap", "file": new,
+        }]})  # fmt: skip
+        await self.execute("blockdev-del", {"node-name": old})
 
     async def abort_relocation(self) -> None:
         """Cancel mirrors; the VM keeps running from the agent and the destinations are removed."""
@@ -262,8 +373,11 @@ class QemuVM:
         for d in self.disks:
             with contextlib.suppress(LiverestoreError):
                 await self.execute("job-dismiss", {"id": f"reloc-{d.name}"})
-            with contextlib.suppress(LiverestoreError):
-                await self.execute("blockdev-del", {"node-name": f"dst-{d.name}"})
+            for node in (f"dst-{d.name}", f"dstf-{d.name}"):
+                with contextlib.suppress(LiverestoreError):
+                    await self.execute("blockdev-del", {"node-name": node})
+        for name in self.destinations:
+            self._staging(name).unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -279,13 +393,49 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _blockdev_args(d: DiskAttachment) -> list[str]:
+_EMULATORS = {"x86_64": "qemu-system-x86_64", "i686": "qemu-system-i386"}
+_NIC_MODELS = {"virtio": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e", "rtl8139": "rtl8139"}
+
+
+def _disk_args(spec: VmSpec, disks: list[DiskAttachment]) -> list[str]:
+    """-blockdev/-device arguments putting each disk on the bus its definition names."""
+    args: list[str] = []
+    controllers: set[str] = set()
+    unit: dict[str, int] = {}
+    any_boot = any(d.boot_order for d in spec.disks)
+    for i, d in enumerate(disks):
+        ds = spec.disk(d.name) or DiskSpec(target=d.name)
+        args += _blockdev_args(d, readonly=ds.device == "cdrom")
+        bootindex = ds.boot_order if any_boot else (i + 1 if i == 0 else None)
+        props = f"drive=ovl-{d.name},id=dev-{d.name}" + (f",bootindex={bootindex}" if bootindex else "")
+        n = unit[ds.bus] = unit.get(ds.bus, -1) + 1
+        kind = "cd" if ds.device == "cdrom" else "hd"
+        if ds.bus == "virtio":
+            args += ["-device", f"virtio-blk-pci,{props}"]
+        elif ds.bus == "sata":
+            if "ahci" not in controllers:
+                controllers.add("ahci")
+                args += ["-device", "ahci,id=ahci0"]
+            args += ["-device", f"ide-{kind},bus=ahci0.{n},{props}"]
+        elif ds.bus == "ide":
+            args += ["-device", f"ide-{kind},bus=ide.{n // 2},unit={n % 2},{props}"]
+        elif ds.bus == "scsi":
+            if "scsi" not in controllers:
+                controllers.add("scsi")
+                args += ["-device", "virtio-scsi-pci,id=scsi0"]
+            args += ["-device", f"scsi-{kind},bus=scsi0.0,scsi-id={n},{props}"]
+        else:
+            raise LiverestoreError(f"disk {d.name} is on a {ds.bus} bus, which the QEMU driver cannot attach")
+    return args
+
+
+def _blockdev_args(d: DiskAttachment, readonly: bool = False) -> list[str]:
     if d.local_path is not None:
-        node = {"driver": "raw", "node-name": f"ovl-{d.name}", "discard": "unmap",
+        node = {"driver": "raw", "node-name": f"ovl-{d.name}", "discard": "unmap", "read-only": readonly,
                 "file": {"driver": "file", "filename": str(d.local_path), "discard": "unmap"}}  # fmt: skip
         return ["-blockdev", json.dumps(node)]
     assert d.overlay is not None, "an NBD disk needs an overlay for guest writes"
-    _create_overlay(d.overlay, d.size)
+    create_overlay(d.overlay, d.size)
     src = {
         "driver": "nbd", "node-name": f"src-{d.name}", "read-only": True,
         "server": {"type": "inet", "host": d.nbd_host, "port": str(d.nbd_port)},
@@ -298,8 +448,8 @@ def _blockdev_args(d: DiskAttachment) -> list[str]:
     return ["-blockdev", json.dumps(src), "-blockdev", json.dumps(ovl)]
 
 
-def _create_overlay(path: Path, size: int) -> None:
-    """An empty qcow2 whose backing node is given at -blockdev time (no backing path recorded)."""
+def create_overlay(path: Path, size: int) -> None:
+    """An empty qcow2 whose backing node is given at launch time (no backing path recorded)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

@@ -31,6 +31,8 @@ BOOT_PART_START = 1 * MiB
 BOOT_PART_SIZE = 40 * MiB
 VIRTIO_MODULES = (
     "virtio_ring", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio", "virtio_pci", "virtio_blk",
+    "failover", "net_failover", "virtio_net",  # the NIC, so a restored VM shows its MAC
+    "button", "evdev",  # the ACPI power button, so a shutdown request is obeyed
 )  # fmt: skip
 MARKER_BOOT = "BOOT-OK"
 KERNEL_CMDLINE = "console=ttyS0 loglevel=3 panic=-1"

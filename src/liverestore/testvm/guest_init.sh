@@ -6,11 +6,21 @@
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
-for m in virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_pci virtio_blk; do
+for m in virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio virtio_pci virtio_blk \
+         failover net_failover virtio_net button evdev; do
     insmod /lib/modules/$m.ko 2>/dev/null
 done
 n=0
 while [ ! -b /dev/vda2 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+# what the VM is: the restore of a stored definition must bring back its CPUs, memory and NICs
+echo "GUEST-INFO cpus=$(nproc) mem_kb=$(awk '/MemTotal/ {print $2}' /proc/meminfo) macs=$(cat /sys/class/net/eth*/address 2>/dev/null | tr '\n' ',')"
+# the ACPI power button (virsh shutdown, QMP system_powerdown): unmount cleanly, then power off
+for ev in /sys/class/input/event*; do
+    if grep -q "Power Button" "$ev/device/name" 2>/dev/null; then
+        (head -c 24 "/dev/input/${ev##*/}" >/dev/null; echo "ACPI-POWERDOWN"; sync
+         mount -o remount,ro /mnt; sync; poweroff -f) &
+    fi
+done
 echo "GUEST-MOUNTING"
 if ! mount -t ext4 -o noatime /dev/vda2 /mnt; then
     echo "BOOT-FAIL mount"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from liverestore.hypervisor.base import DiskAttachment
 from liverestore.hypervisor.qemu import QemuVM
+from liverestore.hypervisor.vmspec import default_spec
 from liverestore.testvm.builder import MARKER_BOOT
 
 
@@ -18,7 +19,8 @@ async def boot_local_copy(image: Path, workdir: Path, timeout: float = 600) -> f
     subprocess.run(["cp", "--sparse=always", str(image), str(copy)], check=True)
     vm = QemuVM(workdir / "localvm")
     t0 = time.monotonic()
-    await vm.launch([DiskAttachment(name="boot", size=copy.stat().st_size, local_path=copy)])
+    await vm.launch(default_spec("localboot", ["boot"]),
+                    [DiskAttachment(name="boot", size=copy.stat().st_size, local_path=copy)])  # fmt: skip
     try:
         return await vm.wait_for_console(MARKER_BOOT, timeout) - t0
     finally:

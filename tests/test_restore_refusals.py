@@ -1,0 +1,109 @@
+"""Every refusal of a restore: one line on stderr, a non-zero exit, nothing defined or started,
+no disk written. And a running domain is not backed up behind libvirt's back."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from liverestore.backup import run_backup
+from liverestore.hypervisor.vmspec import DOMAIN_CONFIG_NAME
+from liverestore.repository import Repository
+from liverestore.testvm.domain import make_domain_xml
+from tests.helpers import MiB, make_disk
+from tests.libvirtfixtures import domain_state, unique_name, virsh
+
+
+def _point_with_definition(vmdir: Path, xml: str, name: str) -> Path:
+    disk = vmdir / "vda.raw"
+    make_disk(disk, 8 * MiB)
+    repo = Repository.init(vmdir / "repo", 64 * 1024)
+    run_backup(repo, name, [disk], [], disk_names=["vda"], extra_configs={DOMAIN_CONFIG_NAME: xml.encode()})
+    repo.close()
+    return vmdir / "repo"
+
+
+def _define(vmdir: Path, xml: str) -> None:
+    path = vmdir / f"def-{uuid.uuid4().hex[:6]}.xml"
+    path.write_text(xml)
+    virsh("define", str(path))
+
+
+CASES = ["name-exists", "uuid-exists", "dest-exists", "unknown-network", "machine-type", "map-unknown",
+         "qemu-machine-type", "bad-map"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_restore_refuses_before_starting_anything(
+    case: str, vmdir: Path, lrnet: str, domains: list[str]
+) -> None:
+    name = unique_name("ref")
+    domains += [name, f"{name}-other"]
+    the_uuid = str(uuid.uuid4())
+    network = "nosuchnet" if case == "unknown-network" else lrnet
+    xml = make_domain_xml(name, vmdir / "gone.raw", network=network).replace(
+        f"<name>{name}</name>", f"<name>{name}</name><uuid>{the_uuid}</uuid>")  # fmt: skip
+    if case in ("machine-type", "qemu-machine-type"):
+        xml = xml.replace("machine='pc'", "machine='pc-q35-99.9'")
+    repo = _point_with_definition(vmdir, xml, name)
+    dest = vmdir / "primary"
+    extra: list[str] = []
+    expect = {
+        "name-exists": f"a domain named '{name}' already exists",
+        "uuid-exists": f"already has UUID {the_uuid}",
+        "dest-exists": "already exists; refusing to overwrite a disk",
+        "unknown-network": "network 'nosuchnet' of",
+        "machine-type": "this host cannot run qemu x86_64 guests of machine type pc-q35-99.9",
+        "map-unknown": "--network-map names 'elsewhere', which no NIC",
+        "qemu-machine-type": "this host's QEMU has no machine type 'pc-q35-99.9'",
+        "bad-map": "expected OLD=NEW",
+    }[case]
+    if case == "name-exists":
+        _define(vmdir, xml.replace(the_uuid, str(uuid.uuid4())))
+    elif case == "uuid-exists":
+        _define(vmdir, xml.replace(f"<name>{name}</name>", f"<name>{name}-other</name>"))
+    elif case == "dest-exists":
+        dest.mkdir()
+        (dest / f"{name}-vda.raw").write_bytes(b"precious")
+    elif case == "map-unknown":
+        extra = ["--network-map", "elsewhere=lrtest"]
+    elif case == "bad-map":
+        extra = ["--network-map", "lrtest"]
+    elif case == "qemu-machine-type":
+        extra = ["--hypervisor", "qemu"]
+    r = subprocess.run([sys.executable, "-m", "liverestore", "restore", "--repo", str(repo), "--vm", name,
+                        "--dest", str(dest), "--cache-dir", str(vmdir / "cache"), "--boot-marker", "BOOT-OK",
+                        *extra], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("liverestore: error: "), r.stderr
+    assert expect in lines[0], lines[0]
+    # nothing started, nothing defined, nothing written
+    assert domain_state(name) == ("shut off" if case == "name-exists" else "absent")
+    if case == "dest-exists":
+        assert (dest / f"{name}-vda.raw").read_bytes() == b"precious"
+    else:
+        assert not dest.exists() or not any(dest.iterdir())
+    ps = subprocess.run(["pgrep", "-f", str(dest)], capture_output=True, text=True)
+    assert ps.stdout.strip() == ""
+
+
+def test_backup_refuses_a_running_domain(vmdir: Path, domains: list[str]) -> None:
+    name = unique_name("run")
+    domains.append(name)
+    make_disk(vmdir / "vda.raw", 8 * MiB)
+    _define(vmdir, make_domain_xml(name, vmdir / "vda.raw", memory_mib=64, vcpus=1))
+    virsh("start", name)
+    Repository.init(vmdir / "repo").close()
+    r = subprocess.run([sys.executable, "-m", "liverestore", "backup", "--repo", str(vmdir / "repo"),
+                        "--libvirt", "--domain", name], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 1 and "is running; live backups are not supported yet" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert domain_state(name) == "running"
+    r = subprocess.run([sys.executable, "-m", "liverestore", "backup", "--repo", str(vmdir / "repo"),
+                        "--libvirt", "--domain", "no-such-domain-x"], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and "no domain 'no-such-domain-x'" in r.stderr
