@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from liverestore.hypervisor.qemu import QemuVM
+from liverestore.hypervisor.vmspec import parse_domain
 from liverestore.repository import Repository
 from liverestore.restore import InstantRestore, RestoreOptions, state_path
 from liverestore.testvm.domain import make_domain_xml
@@ -218,6 +219,19 @@ def test_resume_under_libvirt_adopts_only_its_own_domain(
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["relocated"] and doc["mode"] == "instant-resumed"
+
+    async def reverify() -> None:  # the same guest, still alive, re-reads every file from local disks
+        from liverestore.hypervisor.libvirt_driver import LibvirtVM
+
+        vm = LibvirtVM.adopt(st["driver"], parse_domain(st["spec_xml"]), [])
+        try:
+            mark = len(vm.serial_output())
+            await vm.send_console("verify")
+            await vm.wait_for_console("VERIFY-OK", 120, start=mark)
+        finally:
+            await vm.close()
+
+    asyncio.run(reverify())
     assert json.loads(state.read_text())["state"] == "complete"
     info = virsh("dominfo", name)
     assert "running" in info and "Persistent:     yes" in info

@@ -312,12 +312,17 @@ class LibvirtVM:
         pty = src.get("path") if src is not None else None
         if not pty:
             raise LiverestoreError("the domain has no pty serial console to type into")
-        fd = os.open(pty, os.O_WRONLY | os.O_NOCTTY)
+        # QEMU notices a pty client by polling once a second, and reads what was typed only while
+        # one is connected: stay connected long enough, discarding the guest's output meanwhile.
+        fd = os.open(pty, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
         try:
             os.write(fd, line.encode() + b"\n")
+            for _ in range(25):
+                await asyncio.sleep(0.1)
+                with contextlib.suppress(BlockingIOError):
+                    os.read(fd, 65536)
         finally:
             os.close(fd)
-        await asyncio.sleep(0.2)
 
     async def guest_agent_ready(self) -> bool | None:
         if self.spec is None or not self.spec.has_guest_agent:

@@ -1,0 +1,40 @@
+"""Without a boot marker the guest is "up" when its reads from backup go quiet, and the report
+says so; a second restore on the same read-cache says the cache was warm."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from liverestore.restore import InstantRestore, RestoreOptions, RestoreReport
+from tests.vmfixtures import VmBackup
+
+
+def test_reads_going_quiet_end_the_boot_and_a_warm_cache_is_reported(vm_backup: VmBackup, tmp_path: Path) -> None:
+    repo = vm_backup.open_repo()
+
+    def restore(run: int) -> tuple[RestoreReport, str]:
+        opts = RestoreOptions(vm="testvm", dest=tmp_path / f"d{run}", cache_dir=tmp_path / "cache",
+                              relocate=False, use_profile=False, record_profile=False, background_prefetch=False,
+                              boot_marker=None, boot_window_s=120, boot_quiet_s=3, hypervisor="qemu")  # fmt: skip
+
+        async def go() -> tuple[RestoreReport, str]:
+            job = InstantRestore(repo, opts)
+            try:
+                report = await job.run()
+                assert job.vm is not None
+                return report, job.vm.serial_output()
+            finally:
+                await job.close()
+
+        return asyncio.run(go())
+
+    first, serial = restore(1)
+    assert first.boot_detected_by == "guest reads quiet for 3 s", first.boot_detected_by
+    assert "BOOT-OK" in serial, "the guest must really be up when reads go quiet"
+    assert first.boot_after_launch_s < 60, "boot ends at the last read, not at the 120 s window"
+    assert first.cache_start == "cold" and first.cache_blocks_at_start == 0
+
+    second, _ = restore(2)
+    assert second.cache_start == "warm" and second.cache_blocks_at_start >= first.boot_reads_from_cache
+    assert second.hit_rate > first.hit_rate
