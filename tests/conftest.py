@@ -13,6 +13,11 @@ from tests.helpers import AgentThread, make_disk
 pytest_plugins = ["tests.vmfixtures", "tests.libvirtfixtures"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-cases", type=int, default=3000, help="NBD fuzz cases (soak: 200000)")
+    parser.addoption("--fuzz-seed", type=int, default=20261125, help="seed of the NBD fuzz campaign")
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Iterator[Repository]:
     r = Repository.init(tmp_path / "repo")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from liverestore.agent.export import DiskExport
 from liverestore.agent.metrics import Metrics
+from liverestore.agent.nbd.export import ExportError
 from liverestore.agent.nbd.server import NbdServer
 from liverestore.agent.recorder import AccessRecorder
 from liverestore.agent.scheduler import FetchClass, FetchScheduler, Mode
@@ -145,9 +146,21 @@ class MediaAgent:
             self._persist_task = asyncio.create_task(self._persist_loop())
 
     async def _persist_loop(self) -> None:
+        """Save the cache bitmaps every second. A failed save (cache disk full) is logged and
+        retried next time: one error must not stop every later save."""
+        failing = False
         while True:
             await asyncio.sleep(PERSIST_INTERVAL_S)
-            await self.persist()
+            try:
+                await self.persist()
+            except (ExportError, OSError) as e:
+                if not failing:
+                    log.warning("cannot save the read-cache bitmap (%s); retrying every %.0f s", e, PERSIST_INTERVAL_S)
+                failing = True
+                continue
+            if failing:
+                log.warning("read-cache bitmap saved again")
+            failing = False
 
     async def persist(self) -> None:
         for e in self.exports.values():

@@ -158,14 +158,16 @@ class DiskExport:
     async def write(self, offset: int, data: bytes) -> None:
         cow = self._require_cow()
         view, pos = memoryview(data), offset
-        for i in self.blocks_of(offset, len(data)):
-            seg_end = min(offset + len(data), (i + 1) * self.block_size)
-            full = pos == i * self.block_size and seg_end == i * self.block_size + self.manifest.block_length(
-                i
-            )
-            await self._cow_prepare(i, full)
-            cow.pwrite(view[pos - offset : seg_end - offset], pos)
-            pos = seg_end
+        try:
+            for i in self.blocks_of(offset, len(data)):
+                seg_end = min(offset + len(data), (i + 1) * self.block_size)
+                full = pos == i * self.block_size and seg_end == i * self.block_size + self.manifest.block_length(i)
+                await self._cow_prepare(i, full)
+                cow.pwrite(view[pos - offset : seg_end - offset], pos)
+                pos = seg_end
+        except OSError as e:  # the copy-on-write area's disk is full or failing: the guest sees it
+            errno_ = p.ENOSPC if e.errno == errno.ENOSPC else p.EIO
+            raise ExportError(errno_, f"cannot write to the copy-on-write area: {e.strerror}") from None
         self.metrics.writes += 1
         self.metrics.write_bytes += len(data)
 
@@ -180,13 +182,19 @@ class DiskExport:
         await self.write_zeroes(offset, length)
 
     async def flush(self) -> None:
+        """Make every cached and written block durable; a full or failing cache disk is an NBD
+        error the client can act on (ENOSPC, EIO), not a crash."""
         files = [self.read_cache] + ([self.cow] if self.cow else [])
 
         def persist_all() -> None:
             for f in files:
                 f.persist()
 
-        await asyncio.to_thread(persist_all)
+        try:
+            await asyncio.to_thread(persist_all)
+        except OSError as e:
+            errno_ = p.ENOSPC if e.errno == errno.ENOSPC else p.EIO
+            raise ExportError(errno_, f"cannot save the cache of {self.name}: {e.strerror}") from None
 
     async def cache(self, offset: int, length: int) -> None:
         await asyncio.gather(*self.prefetch(self.blocks_of(offset, length), FetchClass.PREFETCH))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +28,56 @@ MAX_INFLIGHT_PER_CONNECTION = 64
 MAX_CONNECTIONS = 512
 HANDSHAKE_TIMEOUT_S = 30.0
 META_CONTEXT_ID = 1
+# Reply bytes a connection (and the whole server) may hold before it stops reading requests: a
+# client that pipelines 32 MiB reads and never reads the replies must not grow the agent.
+CONNECTION_BYTES_IN_FLIGHT = 32 * 1024 * 1024  # one maximum-size request, or 32 mirror reads
+SERVER_BYTES_IN_FLIGHT = 256 * 1024 * 1024
+WRITE_SLICE = 1024 * 1024
+KNOWN_CMD_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_DF | p.CMD_FLAG_REQ_ONE
+WARNINGS_PER_CONNECTION = 10  # then one summary line when it closes
+REFUSAL_LOG_INTERVAL_S = 10.0
+
+
+class ByteBudget:
+    """At most ``limit`` bytes granted at once; a single request larger than the limit still runs
+    (alone), so nothing waits forever. Waiting here is the backpressure: the connection's reader
+    stops taking requests until replies have left."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class ConnectionLog:
+    """Warnings of one connection, rate-limited: a client sending 100,000 bad requests makes
+    ``WARNINGS_PER_CONNECTION`` lines and a count, not 100,000 lines."""
+
+    def __init__(self, peer: object) -> None:
+        self.peer = peer
+        self.logged = 0
+        self.suppressed = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        if self.logged < WARNINGS_PER_CONNECTION:
+            self.logged += 1
+            log.warning(msg, *args)
+        else:
+            self.suppressed += 1
+
+    def summary(self) -> None:
+        if self.suppressed:
+            log.warning("connection %s: %d more failed requests not logged", self.peer, self.suppressed)
 
 
 class ProtocolViolation(Exception):
@@ -60,7 +112,12 @@ class NbdServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handshaking: dict[asyncio.StreamWriter, float] = {}  # still negotiating, since when
         self.active_connections = 0
+        self.budget = ByteBudget(SERVER_BYTES_IN_FLIGHT)
+        self.dropped_handshakes = 0
+        self.refused = 0
+        self._last_refusal_log = 0.0
 
     async def listen_tcp(self, host: str, port: int) -> int:
         server = await asyncio.start_server(self._client, host, port, limit=p.MAX_REQUEST + 4096)
@@ -89,14 +146,17 @@ class NbdServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        peer = writer.get_extra_info("peername")
+        if self.active_connections >= MAX_CONNECTIONS and not self._drop_oldest_handshake():
+            self.refused += 1
+            self._log_refusal(f"all {MAX_CONNECTIONS} connections are in use; refusing {peer}")
+            writer.close()
+            return
         self._connections.add(task)
         self._writers.add(writer)
         self.active_connections += 1
-        peer = writer.get_extra_info("peername")
         _tune_socket(writer)
         try:
-            if self.active_connections > MAX_CONNECTIONS:
-                raise ProtocolViolation(f"more than {MAX_CONNECTIONS} connections; refusing this one")
             await self._serve(reader, writer)
         except (ProtocolViolation, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as e:
             log.info("connection %s closed: %s", peer, e or type(e).__name__)
@@ -105,13 +165,48 @@ class NbdServer:
         finally:
             self._connections.discard(task)
             self._writers.discard(writer)
+            self._handshaking.pop(writer, None)
             self.active_connections -= 1
             writer.close()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await writer.wait_closed()
 
+    def _drop_oldest_handshake(self) -> bool:
+        """At the cap, a connection still in its handshake makes room (as OpenSSH's MaxStartups
+        does): silent clients cannot lock out real ones, who finish their handshake in milliseconds."""
+        if not self._handshaking:
+            return False
+        writer = min(self._handshaking, key=self._handshaking.__getitem__)
+        del self._handshaking[writer]
+        writer.transport.abort()
+        self.dropped_handshakes += 1
+        self._log_refusal(f"connection cap ({MAX_CONNECTIONS}) reached: dropped the oldest connection still in "
+                          "its handshake")  # fmt: skip
+        return True
+
+    def _log_refusal(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_refusal_log >= REFUSAL_LOG_INTERVAL_S:
+            self._last_refusal_log = now
+            log.warning("%s (%d dropped in handshake, %d refused so far)", message, self.dropped_handshakes,
+                        self.refused)  # fmt: skip
+
     # -- handshake -----------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._handshaking[writer] = time.monotonic()
+        try:
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):  # every stage, the client's flags included
+                sess, export = await self._handshake(reader, writer)
+        except TimeoutError:
+            raise ProtocolViolation("handshake not finished in time") from None
+        finally:
+            self._handshaking.pop(writer, None)
+        if export is not None:
+            await self._transmission(reader, writer, export, sess)
+
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[_Session, NbdExport | None]:
         writer.write(p.NBDMAGIC + struct.pack(">QH", p.IHAVEOPT, p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
         await writer.drain()
         (cflags,) = struct.unpack(">I", await reader.readexactly(4))
@@ -120,13 +215,7 @@ class NbdServer:
         if cflags & ~(p.CLIENT_FLAG_FIXED_NEWSTYLE | p.CLIENT_FLAG_NO_ZEROES):
             raise ProtocolViolation(f"unknown client flags {cflags:#x}")
         sess = _Session(no_zeroes=bool(cflags & p.CLIENT_FLAG_NO_ZEROES))
-        try:
-            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):  # idle half-open handshakes must not pile up
-                export = await self._negotiate(reader, writer, sess)
-        except TimeoutError:
-            raise ProtocolViolation("handshake not finished in time") from None
-        if export is not None:
-            await self._transmission(reader, writer, export, sess)
+        return sess, await self._negotiate(reader, writer, sess)
 
     async def _negotiate(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sess: _Session
@@ -210,7 +299,8 @@ class NbdServer:
             return None
         export = self.exports.get(name)
         if export is None:
-            reply(p.REP_ERR_UNKNOWN, f"no export named {name[:200]!r}".encode())
+            have = ", ".join(list(self.exports)[:50]) or "none"
+            reply(p.REP_ERR_UNKNOWN, f"no export named {name[:200]!r}; exports: {have}".encode()[:4096])
             return None
         reply(p.REP_INFO, struct.pack(">HQH", p.INFO_EXPORT, export.size, self._tflags(export, sess)))
         # min 1, preferred 4 KiB, max MAX_REQUEST: tells QEMU to split large requests for us
@@ -268,6 +358,8 @@ class NbdServer:
     ) -> None:
         lock = asyncio.Lock()
         slots = asyncio.Semaphore(MAX_INFLIGHT_PER_CONNECTION)
+        budget = ByteBudget(CONNECTION_BYTES_IN_FLIGHT)
+        clog = ConnectionLog(writer.get_extra_info("peername"))
         try:
             while True:
                 header = await reader.readexactly(p.REQUEST_HEADER.size)
@@ -275,14 +367,19 @@ class NbdServer:
                 if magic != p.REQUEST_MAGIC:
                     raise ProtocolViolation("bad request magic")
                 payload = b""
+                # bytes this request holds until its reply has left: read data, or write payload
+                cost = min(length, p.MAX_REQUEST) if cmd in (p.CMD_READ, p.CMD_WRITE) else 0
                 if cmd == p.CMD_WRITE:
                     if length > p.MAX_REQUEST:
                         raise ProtocolViolation(f"write of {length} bytes exceeds the maximum")
+                    await budget.acquire(cost)
+                    await self.budget.acquire(cost)
                     payload = await reader.readexactly(length)
                 if cmd == p.CMD_DISC:
                     break
                 if (
                     cmd == p.CMD_READ
+                    and not flags & ~KNOWN_CMD_FLAGS
                     and not lock.locked()
                     and (data := export.read_now(offset, length)) is not None
                 ):
@@ -298,17 +395,28 @@ class NbdServer:
                     if writer.transport.get_write_buffer_size() > 1024 * 1024:
                         await writer.drain()
                     continue
+                if cmd != p.CMD_WRITE:
+                    await budget.acquire(cost)
+                    await self.budget.acquire(cost)
                 await slots.acquire()
-                task = asyncio.create_task(
-                    self._request(writer, lock, export, sess, flags, cmd, handle, offset, length, payload)
-                )
+                task = asyncio.create_task(self._request(
+                    writer, lock, export, sess, clog, flags, cmd, handle, offset, length, payload
+                ))  # fmt: skip
                 sess.inflight.add(task)
                 task.add_done_callback(sess.inflight.discard)
                 task.add_done_callback(lambda _t: slots.release())
+                task.add_done_callback(functools.partial(self._release, budget, cost))
         finally:
             if sess.inflight:
                 await asyncio.gather(*sess.inflight, return_exceptions=True)
-        await export.flush()
+            clog.summary()
+        with contextlib.suppress(ExportError):
+            await export.flush()
+
+    def _release(self, budget: ByteBudget, n: int, _task: object = None) -> None:
+        if n:
+            for b in (budget, self.budget):
+                asyncio.get_running_loop().create_task(b.release(n))
 
     async def _request(
         self,
@@ -316,6 +424,7 @@ class NbdServer:
         lock: asyncio.Lock,
         export: NbdExport,
         sess: _Session,
+        clog: ConnectionLog,
         flags: int,
         cmd: int,
         handle: int,
@@ -326,7 +435,7 @@ class NbdServer:
         try:
             out = await self._execute(export, sess, flags, cmd, handle, offset, length, payload)
         except ExportError as e:
-            log.warning("%s: command %d at %d+%d failed: %s", export.name, cmd, offset, length, e)
+            clog.warning("%s: command %d at %d+%d failed: %s", export.name, cmd, offset, length, e)
             out = [self._error(sess, handle, e.errno, str(e))]
         except Exception as e:  # a bug must cost one request, not the connection
             log.exception("%s: command %d at %d+%d crashed", export.name, cmd, offset, length)
@@ -341,6 +450,11 @@ class NbdServer:
                         await asyncio.get_running_loop().sendfile(
                             writer.transport, part.file, part.offset, part.length
                         )
+                    elif len(part) > WRITE_SLICE:  # the transport copies what it cannot send at once:
+                        view = memoryview(part)  # hand it over in slices so that copy stays small
+                        for i in range(0, len(view), WRITE_SLICE):
+                            writer.write(view[i : i + WRITE_SLICE])
+                            await writer.drain()
                     else:
                         writer.write(part)
                 await writer.drain()
@@ -362,16 +476,24 @@ class NbdServer:
         length: int,
         payload: bytes,
     ) -> Sequence[bytes | FileSlice]:
+        if flags & ~KNOWN_CMD_FLAGS:
+            raise ExportError(p.EINVAL, f"unknown command flags {flags:#x}")
         if cmd not in (p.CMD_FLUSH,) and (offset + length > export.size):
-            raise ExportError(p.EINVAL, f"request {offset}+{length} is past the end ({export.size})")
+            past = f"request {offset}+{length} is past the end ({export.size})"
+            if cmd in (p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM) and export.writable:
+                raise ExportError(p.ENOSPC, past)  # the spec's answer to a write beyond the end
+            raise ExportError(p.EINVAL, past)
         ok = (
             [p.simple_reply(0, handle)]
             if not sess.structured
             else [p.structured_header(p.REPLY_FLAG_DONE, p.REPLY_TYPE_NONE, handle, 0)]
         )
         if cmd == p.CMD_READ:
-            if length > p.MAX_REQUEST:
-                raise ExportError(p.EOVERFLOW, f"read of {length} bytes exceeds the maximum")
+            if length > p.MAX_REQUEST:  # EOVERFLOW is DF's answer; plain oversize reads are invalid
+                errno = p.EOVERFLOW if flags & p.CMD_FLAG_DF and sess.structured else p.EINVAL
+                raise ExportError(errno, f"read of {length} bytes exceeds the maximum")
+            if length == 0:  # a data chunk must carry at least one byte: answer with a bare done chunk
+                return ok
             data = await export.read(offset, length)
             if isinstance(data, FileSlice) and data.length != length:
                 raise ExportError(p.EIO, "short read from the cache")
