@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils mtools dosfstools syslinux syslinux-common e2fsprogs
+APT_PACKAGES=(qemu-system-x86 qemu-utils ovmf mtools dosfstools syslinux syslinux-common e2fsprogs
               nbdkit libnbd-bin python3-libnbd cpio python3-venv ca-certificates
               libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc python3-dev)
 missing=()

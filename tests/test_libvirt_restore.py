@@ -23,6 +23,7 @@ from liverestore.hypervisor.vmspec import parse_domain
 from liverestore.repository import Repository
 from liverestore.restore import InstantRestore, RestoreOptions, state_path
 from liverestore.testvm.domain import make_domain_xml
+from tests.helpers import MiB, make_disk
 from tests.libvirtfixtures import domain_state, read_console_until, unique_name, virsh
 from tests.vmfixtures import VmBackup
 
@@ -239,3 +240,48 @@ def test_resume_under_libvirt_adopts_only_its_own_domain(
                           str(dest / f"{name}-sda.raw")], capture_output=True, text=True)  # fmt: skip
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     os.sync()
+
+
+def test_uefi_nvram_and_cdrom_are_backed_up_and_restored(vmdir: Path, domains: list[str]) -> None:
+    """A UEFI domain (OVMF) with a SATA CD-ROM: the backup keeps its NVRAM and the ISO; the
+    restore copies both to primary storage before launch and the final definition uses them."""
+    name = unique_name("efi")
+    domains.append(name)
+    vda, iso, nvram = vmdir / "vda.raw", vmdir / "install.iso", vmdir / "vars.fd"
+    make_disk(vda, 16 * MiB)
+    iso.write_bytes(os.urandom(3 * MiB))
+    nvram.write_bytes(Path("/usr/share/OVMF/OVMF_VARS_4M.fd").read_bytes())
+    (vmdir / "efi.xml").write_text(f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type>
+    <loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader><nvram>{nvram}</nvram></os>
+  <features><acpi/></features>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{vda}'/>
+      <target dev='vda' bus='virtio'/></disk>
+    <disk type='file' device='cdrom'><driver name='qemu' type='raw'/><source file='{iso}'/>
+      <target dev='sdc' bus='sata'/><readonly/></disk>
+    <serial type='pty'><target port='0'/></serial>
+  </devices></domain>""")
+    virsh("define", str(vmdir / "efi.xml"))
+    originals = {p: p.read_bytes() for p in (vda, iso, nvram)}
+    assert lr("init", str(vmdir / "repo"), "--block-size", "64K").returncode == 0
+    r = lr("backup", "--repo", str(vmdir / "repo"), "--libvirt", "--domain", name)
+    assert r.returncode == 0, r.stderr
+    virsh("undefine", name, "--nvram")
+    for path in originals:
+        path.unlink(missing_ok=True)
+
+    dest = vmdir / "primary"
+    r = lr("restore", "--repo", str(vmdir / "repo"), "--vm", name, "--dest", str(dest), "--cache-dir",
+           str(vmdir / "cache"), "--boot-window", "15", "--boot-quiet", "3", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["destinations"] == {"vda": str(dest / f"{name}-vda.raw"), "sdc": str(dest / f"{name}-sdc.iso")}
+    assert Path(doc["destinations"]["sdc"]).read_bytes() == originals[iso]
+    assert Path(doc["destinations"]["vda"]).read_bytes() == originals[vda]
+    restored_nvram = dest / f"{name}_VARS.fd"
+    assert restored_nvram.stat().st_size == len(originals[nvram])
+    inactive = virsh("dumpxml", "--inactive", name)
+    assert f"<nvram>{restored_nvram}</nvram>" in inactive and f"{name}-sdc.iso" in inactive
+    assert "running" in virsh("domstate", name)
