@@ -10,7 +10,6 @@ The runs alternate and each median is taken, since these machines are noisy. Tar
 from __future__ import annotations
 
 import asyncio
-import shutil
 import statistics
 import tempfile
 import time
@@ -18,19 +17,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from bench.boot import instant_boot
 from bench.common import MiB, bar_chart, write_results
 from liverestore.backup import run_backup
 from liverestore.backup_libvirt import plan_domain_backup
 from liverestore.hypervisor.libvirt_driver import open_connection
 from liverestore.hypervisor.vmspec import DiskSource, parse_domain, render_domain
 from liverestore.repository import Repository
-from liverestore.restore import InstantRestore, RestoreOptions
 from liverestore.testvm import build_test_vm
 from liverestore.testvm.builder import MARKER_BOOT
 from liverestore.testvm.domain import make_domain_xml
 
 COLD_MB = 250
 LATENCY_MS = 10.0
+SETTING = {"name": "10ms", "latency_ms": LATENCY_MS, "mbps": 0.0}
 
 
 def _boot_local(xml: str, disk: Path, work: Path) -> float:
@@ -53,19 +53,6 @@ def _boot_local(xml: str, disk: Path, work: Path) -> float:
             dom.destroy()
     finally:
         conn.close()
-
-
-async def _instant(repo: Repository, name: str, work: Path, tag: str, profile: bool) -> float:
-    opts = RestoreOptions(vm=name, dest=work / f"d-{tag}", cache_dir=work / f"c-{tag}", relocate=False,
-                          use_profile=profile, record_profile=not profile, repo_latency_ms=LATENCY_MS,
-                          hypervisor="libvirt")  # fmt: skip
-    job = InstantRestore(repo, opts)
-    try:
-        return (await job.run()).time_to_boot_s
-    finally:
-        await job.close()
-        shutil.rmtree(work / f"c-{tag}", ignore_errors=True)
-        shutil.rmtree(work / f"d-{tag}", ignore_errors=True)
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -92,8 +79,8 @@ def run(quick: bool) -> dict[str, Any]:
         for i in range(reps):
             local.append(_boot_local(full_xml, image.path, work))
             repo.catalog.delete_profile(name)
-            no_profile.append(asyncio.run(_instant(repo, name, work, f"cold{i}", profile=False)))
-            with_profile.append(asyncio.run(_instant(repo, name, work, f"warm{i}", profile=True)))
+            no_profile.append(asyncio.run(instant_boot(repo, work, f"cold{i}", SETTING, False, name, "libvirt")))
+            with_profile.append(asyncio.run(instant_boot(repo, work, f"warm{i}", SETTING, True, name, "libvirt")))
             print(f"libvirt boot rep {i}: local {local[-1]:.2f} s, instant no profile {no_profile[-1]:.2f} s, "
                   f"instant + profile {with_profile[-1]:.2f} s", flush=True)  # fmt: skip
         repo.close()

@@ -129,7 +129,8 @@ def test_libvirt_instant_restore_is_the_users_managed_domain(
 
 def test_plain_qemu_driver_runs_the_stored_definition(domain_backup: DomainBackup, vmdir: Path) -> None:
     repo = Repository.open(domain_backup.repo)
-    opts = RestoreOptions(vm=domain_backup.name, dest=vmdir / "q", cache_dir=vmdir / "qc", hypervisor="qemu")
+    opts = RestoreOptions(vm=domain_backup.name, dest=vmdir / "q", cache_dir=vmdir / "qc", hypervisor="qemu",
+                          dest_format="qcow2")  # fmt: skip
 
     async def go() -> tuple[str, list[str], bool]:
         job = InstantRestore(repo, opts)
@@ -149,7 +150,10 @@ def test_plain_qemu_driver_runs_the_stored_definition(domain_backup: DomainBacku
     assert 700_000 < int(serial.split("mem_kb=")[1].split()[0]) <= MEMORY_KIB
     name = domain_backup.name
     # QEMU's own nodes name the final files (renamed and reopened), and no overlay is left
-    assert sorted(files) == [str(vmdir / "q" / f"{name}-sda.raw"), str(vmdir / "q" / f"{name}-vda.raw")], files
+    assert sorted(files) == [str(vmdir / "q" / f"{name}-sda.qcow2"), str(vmdir / "q" / f"{name}-vda.qcow2")], files
+    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(domain_backup.data_disk),
+                          str(vmdir / "q" / f"{name}-sda.qcow2")], capture_output=True, text=True)  # fmt: skip
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     assert not list((vmdir / "q").rglob("*.overlay.qcow2")) and not list((vmdir / "q").glob("*.partial"))
     assert obeyed and "ACPI-POWERDOWN" in serial  # the guest unmounted and powered off on request
 
@@ -187,7 +191,8 @@ def test_resume_under_libvirt_adopts_only_its_own_domain(
     name = domain_backup.name
     domains.append(name)
     (vmdir / "work").mkdir()
-    base = ["restore", "--repo", str(domain_backup.repo), "--vm", name, "--boot-marker", "BOOT-OK"]
+    base = ["restore", "--repo", str(domain_backup.repo), "--vm", name, "--boot-marker", "BOOT-OK", "--format",
+            "qcow2"]  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "liverestore", *base, "--dest", "primary", "--cache-dir",
                              str(vmdir / "c"), "--no-profile", "--repo-mbps", "60"], cwd=vmdir / "work",
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -236,10 +241,10 @@ def test_resume_under_libvirt_adopts_only_its_own_domain(
     assert json.loads(state.read_text())["state"] == "complete"
     info = virsh("dominfo", name)
     assert "running" in info and "Persistent:     yes" in info
-    cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(domain_backup.data_disk),
-                          str(dest / f"{name}-sda.raw")], capture_output=True, text=True)  # fmt: skip
+    cmp = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", str(domain_backup.data_disk),
+                          str(dest / f"{name}-sda.qcow2")], capture_output=True, text=True)  # fmt: skip
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
-    os.sync()
+    assert f"{name}-vda.qcow2" in virsh("domblklist", name) and "type='qcow2'" in virsh("dumpxml", "--inactive", name)
 
 
 def test_uefi_nvram_and_cdrom_are_backed_up_and_restored(vmdir: Path, domains: list[str]) -> None:

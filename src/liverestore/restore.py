@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -172,14 +172,18 @@ class Placement:
         return [*self.relocated.values(), *self.copied.values(), *([self.nvram] if self.nvram else [])]
 
 
-def plan_placement(dest: Path, spec: VmSpec, point: RestorePoint, fmt: str, copy_all: bool) -> Placement:
+def plan_placement(
+    dest: Path, spec: VmSpec, point: RestorePoint, fmt: str, copy_all: bool, relocate: bool = True
+) -> Placement:
+    """Disks to relocate (none with ``relocate`` off: they stay on the agent), disks to copy
+    before launch (CD-ROMs always, everything for a classic restore), and the NVRAM file."""
     relocated, copied = {}, {}
     for d in point.record.disks:
         ds = spec.disk(d.name)
         if (ds is not None and ds.device == "cdrom") or copy_all:
             ext = "iso" if ds is not None and ds.device == "cdrom" else "raw"
             copied[d.name] = dest / f"{spec.name}-{d.name}.{ext}"
-        else:
+        elif relocate:
             relocated[d.name] = dest / f"{spec.name}-{d.name}.{fmt}"
     has_nvram = any(c.filename == NVRAM_CONFIG_NAME for c in point.record.configs) and spec.nvram
     return Placement(relocated, copied, dest / f"{spec.name}_VARS.fd" if has_nvram else None)
@@ -260,8 +264,8 @@ class InstantRestore:
     def __init__(
         self, repo: Repository, opts: RestoreOptions, on_status: Callable[[Status], None] | None = None
     ) -> None:
-        opts.dest = opts.dest.absolute()
-        opts.cache_dir = opts.cache_dir.absolute()
+        # absolute paths: the state file must work for a --resume run from any directory
+        opts = replace(opts, dest=opts.dest.absolute(), cache_dir=opts.cache_dir.absolute())
         self.repo = repo
         self.opts = opts
         self.on_status = on_status
@@ -310,13 +314,13 @@ class InstantRestore:
             self._emit()
             await asyncio.sleep(0.5)
 
-    def _start_agent(self, cache_dir: Path, port_point: RestorePoint, relocated: set[str]) -> MediaAgent:
+    def _start_agent(self, cache_dir: Path, disks: set[str]) -> MediaAgent:
         """The agent serves only the disks that run from backup (CD-ROMs were copied first)."""
         opts = self.opts
-        return MediaAgent(self.repo, port_point, AgentConfig(
+        return MediaAgent(self.repo, self.point, AgentConfig(
             cache_dir=cache_dir, repo_latency_ms=opts.repo_latency_ms, repo_mbps=opts.repo_mbps,
             fetch_slots=opts.fetch_slots, mode=Mode.DEMAND_FIRST,
-        ), disks=relocated)  # fmt: skip
+        ), disks=disks)  # fmt: skip
 
     # -- the phases ----------------------------------------------------------------------------
     async def run(self) -> RestoreReport:
@@ -330,20 +334,19 @@ class InstantRestore:
     async def _run(self) -> None:
         opts = self.opts
         # plan: what to run, where its disks go, and every refusal before anything starts
-        spec = load_spec(self.repo, self.point, opts)
+        spec = self._spec = load_spec(self.repo, self.point, opts)
         kind, uri = resolve_choice(opts.hypervisor, spec)
-        placement = self._placement = plan_placement(opts.dest, spec, self.point, opts.dest_format, copy_all=False)
-        if not opts.relocate:
-            placement = self._placement = Placement({}, placement.copied, placement.nvram)
+        placement = self._placement = plan_placement(opts.dest, spec, self.point, opts.dest_format,
+                                                     copy_all=False, relocate=opts.relocate)  # fmt: skip
         vm = open_hypervisor(kind, uri, opts.dest / f".{self.name}.vm", opts.accel)
         self.report.hypervisor = kind
         _prepare_dest(opts.dest, self.point, placement)
-        relocated_names = {d.name for d in self.point.record.disks if d.name not in placement.copied}
-        vm.check(spec, self._placement.relocated)
+        served = {d.name for d in self.point.record.disks if d.name not in placement.copied}
+        vm.check(spec, placement.relocated)
         log.info("restoring %s (point %s) as %s with the %s driver", self.point.vm, self.point.id, self.name, kind)
         self._created = placement.all_files
         await restore_side_files(self.repo, self.point, placement, opts, self.report)
-        self.agent = self._start_agent(opts.cache_dir, self.point, relocated_names)
+        self.agent = self._start_agent(opts.cache_dir, served)
         self.report.cache_blocks_at_start = sum(e.read_cache.present for e in self.agent.exports.values())
         self.report.cache_start = "warm" if self.report.cache_blocks_at_start else "cold"
         port = self.nbd_port = await self.agent.listen("127.0.0.1", 0)
@@ -391,7 +394,7 @@ class InstantRestore:
         self.report.vm_identity = vm.describe()
         self.report.serial_log = str(vm.serial_log)
         if opts.relocate:
-            self._save_state("running-from-backup", spec)
+            self._save_state("running-from-backup")
         booted, how = await wait_for_boot(vm, self.agent, opts, launched)
         self.report.boot_detected_by = how
         self.report.time_to_boot_s = round(booted - self._t0, 3)
@@ -420,9 +423,11 @@ class InstantRestore:
 
         await self._relocate_and_pivot(restart_mirror=True)
 
-    def _save_state(self, state: str, spec: VmSpec) -> None:
+    def _save_state(self, state: str) -> None:
         """Everything ``--resume`` needs to pick up a VM whose orchestrator died (absolute paths)."""
         assert self.vm is not None and self.agent is not None and self._placement is not None
+        spec = self._spec
+        assert spec is not None
         _write_state(
             self.opts.dest, self.name, state, point=self.point.id, source_vm=self.point.vm,
             hypervisor=self.vm.kind, driver=self.vm.state(), nbd_port=self.nbd_port,
@@ -434,7 +439,6 @@ class InstantRestore:
                    for n, e in self.agent.exports.items()],
             copied={n: str(p) for n, p in self._placement.copied.items()},
         )  # fmt: skip
-        self._spec = spec
 
     async def _relocate_and_pivot(self, restart_mirror: bool) -> None:
         assert self.agent is not None and self.vm is not None and self._placement is not None
@@ -442,8 +446,7 @@ class InstantRestore:
         self._enter("relocate")
         if restart_mirror:
             await self.vm.start_relocation(self._placement.relocated, self.opts.dest_format)
-        assert self._spec is not None
-        self._save_state("relocating", self._spec)
+        self._save_state("relocating")
         self.agent.scheduler.cancel_queued(FetchClass.PREFETCH)
         self.agent.set_mode(Mode.FAIR)
         log.info("scheduler switched to fair: guest reads and relocation copies share the repository")
@@ -514,7 +517,7 @@ class InstantRestore:
         self.vm = vm
         self.report.hypervisor = vm.kind
         self.report.serial_log = str(vm.serial_log)
-        self.agent = self._start_agent(Path(st["cache_dir"]), self.point, {d["name"] for d in st["disks"]})
+        self.agent = self._start_agent(Path(st["cache_dir"]), {d["name"] for d in st["disks"]})
         self.nbd_port = await self.agent.listen("127.0.0.1", int(st["nbd_port"]))
         log.info("agent back on port %d; the VM reconnects to it", self.nbd_port)
         await vm.connect()
@@ -623,7 +626,7 @@ async def wait_for_boot(vm: Hypervisor, agent: MediaAgent | None, opts: RestoreO
 
 async def classic_restore(repo: Repository, opts: RestoreOptions) -> tuple[RestoreReport, Hypervisor]:
     """The baseline: copy every block to the destination first, then boot from the local copy."""
-    opts.dest = opts.dest.absolute()
+    opts = replace(opts, dest=opts.dest.absolute())
     point = repo.get_point(opts.vm, opts.point)
     spec = load_spec(repo, point, opts)
     kind, uri = resolve_choice(opts.hypervisor, spec)

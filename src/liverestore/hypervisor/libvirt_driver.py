@@ -24,6 +24,7 @@ from xml.etree import ElementTree as ET
 
 from liverestore.errors import LiverestoreError
 from liverestore.hypervisor.base import DiskAttachment, JobProgress
+from liverestore.hypervisor.console import read_serial_log, wait_for_marker
 from liverestore.hypervisor.qemu import NBD_RECONNECT_DELAY_S, create_overlay
 from liverestore.hypervisor.vmspec import DiskSource, VmSpec, render_domain, restore_metadata
 
@@ -289,21 +290,10 @@ class LibvirtVM:
 
     # -- console -------------------------------------------------------------------------------
     def serial_output(self) -> str:
-        try:
-            return self.serial_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_serial_log(self.serial_log)
 
     async def wait_for_console(self, marker: str, timeout: float, start: int = 0) -> float:
-        deadline = time.monotonic() + timeout
-        while True:
-            if marker in self.serial_output()[start:]:
-                return time.monotonic()
-            if not self.running:
-                raise LiverestoreError(f"the domain stopped before printing {marker}")
-            if time.monotonic() > deadline:
-                raise LiverestoreError(f"the domain did not print {marker} within {timeout:.0f} s")
-            await asyncio.sleep(0.05)
+        return await wait_for_marker(self.serial_log, marker, timeout, start, lambda: self.running)
 
     async def send_console(self, line: str) -> None:
         """Type a line into the guest's serial console through its pty."""

@@ -29,6 +29,7 @@ from qemu.qmp import QMPClient, QMPError
 
 from liverestore.errors import LiverestoreError
 from liverestore.hypervisor.base import DiskAttachment, JobProgress
+from liverestore.hypervisor.console import read_serial_log, wait_for_marker
 from liverestore.hypervisor.vmspec import DiskSpec, VmSpec
 
 log = logging.getLogger("liverestore.qemu")
@@ -252,10 +253,7 @@ class QemuVM:
 
     # -- console -------------------------------------------------------------------------------
     def serial_output(self) -> str:
-        try:
-            return self.serial_log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_serial_log(self.serial_log)
 
     async def send_console(self, line: str) -> None:
         _reader, writer = await asyncio.open_unix_connection(str(self.serial_sock))
@@ -268,15 +266,8 @@ class QemuVM:
 
     async def wait_for_console(self, marker: str, timeout: float, start: int = 0) -> float:
         """Wait until ``marker`` appears in the serial log after byte ``start``; returns when it did."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if marker in self.serial_output()[start:]:
-                return time.monotonic()
-            if not self.running:
-                raise LiverestoreError(f"the VM stopped before printing {marker} ({self._stderr_tail()})")
-            if time.monotonic() > deadline:
-                raise LiverestoreError(f"the VM did not print {marker} within {timeout:.0f} s")
-            await asyncio.sleep(0.05)
+        return await wait_for_marker(self.serial_log, marker, timeout, start, lambda: self.running,
+                                     f" ({self._stderr_tail()})")  # fmt: skip
 
     # -- relocation ----------------------------------------------------------------------------
     def _staging(self, name: str) -> Path:
