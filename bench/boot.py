@@ -69,7 +69,7 @@ def run(quick: bool) -> dict[str, Any]:
             local = asyncio.run(boot_local_copy(image.path, tmp / "local"))
             for s in settings:
                 tag = f"{size}-{s['name']}"
-                repo.catalog.delete_profile("vm")
+                repo.delete_profile("vm")
                 classic = asyncio.run(_classic(repo, tmp, tag, s))
                 cold = asyncio.run(
                     instant_boot(repo, tmp, tag + "-cold", s, profile=False)

@@ -78,7 +78,7 @@ def run(quick: bool) -> dict[str, Any]:
         local, no_profile, with_profile = [], [], []
         for i in range(reps):
             local.append(_boot_local(full_xml, image.path, work))
-            repo.catalog.delete_profile(name)
+            repo.delete_profile(name)
             no_profile.append(asyncio.run(instant_boot(repo, work, f"cold{i}", SETTING, False, name, "libvirt")))
             with_profile.append(asyncio.run(instant_boot(repo, work, f"warm{i}", SETTING, True, name, "libvirt")))
             print(f"libvirt boot rep {i}: local {local[-1]:.2f} s, instant no profile {no_profile[-1]:.2f} s, "

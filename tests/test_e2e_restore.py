@@ -94,7 +94,7 @@ def test_instant_restore_relocate_pivot_and_keep_running(
 
 def test_profile_makes_boot_fast_on_a_slow_repository(vm_backup: VmBackup, tmp_path: Path) -> None:
     repo = vm_backup.open_repo()
-    repo.catalog.delete_profile("testvm")
+    repo.delete_profile("testvm")
     local = boot_local(vm_backup.image.path, tmp_path)
 
     def instant(run: int, use_profile: bool) -> RestoreReport:

@@ -39,14 +39,14 @@ def default_data_dir() -> Path:
     return Path(base) / "liverestore"
 
 
-def _open_repo(path: Path) -> Any:
+def _open_repo(path: str) -> Any:
     from liverestore.repository import Repository
 
     return Repository.open(path)
 
 
 repo_option = click.option(
-    "--repo", "repo_path", type=click.Path(path_type=Path), required=True, help="Repository directory."
+    "--repo", "repo_path", required=True, metavar="DIR|s3://BUCKET/PREFIX", help="Repository location."
 )
 
 
@@ -62,9 +62,9 @@ def cli(verbose: int) -> None:
 
 
 @cli.command()
-@click.argument("repo_path", type=click.Path(path_type=Path))
+@click.argument("repo_path", metavar="DIR|s3://BUCKET/PREFIX")
 @click.option("--block-size", default="1M", show_default=True, help="Block size (64K .. 16M, power of two).")
-def init(repo_path: Path, block_size: str) -> None:
+def init(repo_path: str, block_size: str) -> None:
     """Create an empty repository."""
     from liverestore.repository import Repository
 
@@ -90,7 +90,7 @@ def parse_size(text: str) -> int:
               metavar="[URI]", help="Back up a libvirt domain (URI default qemu:///system); needs --domain.")  # fmt: skip
 @click.option("--domain", default=None, help="The libvirt domain to back up (shut off).")
 @click.argument("disks", nargs=-1, type=click.Path(path_type=Path))
-def backup(repo_path: Path, vm: str | None, configs: tuple[Path, ...], libvirt_uri: str | None,
+def backup(repo_path: str, vm: str | None, configs: tuple[Path, ...], libvirt_uri: str | None,
            domain: str | None, disks: tuple[Path, ...]) -> None:  # fmt: skip
     """Back up DISKS (raw or qcow2) of a VM, or a libvirt domain with its definition; prints the
     new restore point id."""
@@ -128,7 +128,7 @@ def backup(repo_path: Path, vm: str | None, configs: tuple[Path, ...], libvirt_u
 @cli.command("list")
 @repo_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_cmd(repo_path: Path, as_json: bool) -> None:
+def list_cmd(repo_path: str, as_json: bool) -> None:
     """VMs, restore points, disks, sizes and dedup ratio."""
     from liverestore.listing import describe_repository, render_listing
 
@@ -152,7 +152,7 @@ def list_cmd(repo_path: Path, as_json: bool) -> None:
 @click.option("--mode", type=click.Choice(["demand-first", "fair", "fifo"]), default="demand-first")
 @click.option("--access-log", type=click.Path(path_type=Path), default=None, help="JSON-lines log of reads.")
 def serve(
-    repo_path: Path,
+    repo_path: str,
     vm: str,
     point: str | None,
     listen: str,
@@ -237,7 +237,7 @@ def status(control: str) -> None:
 @cli.command()
 @repo_option
 @click.option("--vm", default=None, help="Only this VM's restore points.")
-def verify(repo_path: Path, vm: str | None) -> None:
+def verify(repo_path: str, vm: str | None) -> None:
     """Re-hash every chunk and check every manifest; exit 1 and name each problem if any."""
     from liverestore.verify import verify_repository
 

@@ -100,7 +100,7 @@ def parse_network_map(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 @click.command()
-@click.option("--repo", "repo_path", type=click.Path(path_type=Path), required=True)
+@click.option("--repo", "repo_path", required=True, metavar="DIR|s3://BUCKET/PREFIX")
 @click.option("--vm", required=True)
 @click.option("--point", default=None, help="Restore point id (default: latest).")
 @click.option("--instant/--classic", default=True, help="Boot from backup now (default) or copy first.")
@@ -172,13 +172,13 @@ def profile() -> None:
 
 
 @profile.command("show")
-@click.option("--repo", "repo_path", type=click.Path(path_type=Path), required=True)
+@click.option("--repo", "repo_path", required=True, metavar="DIR|s3://BUCKET/PREFIX")
 @click.option("--vm", required=True)
 @click.option("--json", "as_json", is_flag=True)
-def profile_show(repo_path: Path, vm: str, as_json: bool) -> None:
+def profile_show(repo_path: str, vm: str, as_json: bool) -> None:
     repo = Repository.open(repo_path)
     repo.get_point(vm)  # a clear error for an unknown VM
-    summary = profiles.summarize(repo.catalog.get_profile(vm))
+    summary = profiles.summarize(repo.get_profile(vm))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not summary["runs"]:
@@ -190,16 +190,16 @@ def profile_show(repo_path: Path, vm: str, as_json: bool) -> None:
 
 
 @profile.command("clear")
-@click.option("--repo", "repo_path", type=click.Path(path_type=Path), required=True)
+@click.option("--repo", "repo_path", required=True, metavar="DIR|s3://BUCKET/PREFIX")
 @click.option("--vm", required=True)
-def profile_clear(repo_path: Path, vm: str) -> None:
+def profile_clear(repo_path: str, vm: str) -> None:
     repo = Repository.open(repo_path)
-    removed = repo.catalog.delete_profile(vm)
+    removed = repo.delete_profile(vm)
     click.echo(f"profile of {vm} {'cleared' if removed else 'did not exist'}")
 
 
 @profile.command("record")
-@click.option("--repo", "repo_path", type=click.Path(path_type=Path), required=True)
+@click.option("--repo", "repo_path", required=True, metavar="DIR|s3://BUCKET/PREFIX")
 @click.option("--vm", required=True)
 @click.option("--point", default=None)
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
@@ -222,7 +222,7 @@ def profile_record(**kw: Any) -> None:
             await job.close(stop_vm=True)
 
     report = run_cancellable(go())
-    summary = profiles.summarize(repo.catalog.get_profile(report.vm))
+    summary = profiles.summarize(repo.get_profile(report.vm))
     blocks = sum(d["blocks"] for d in summary["disks"].values())
     click.echo(f"recorded {report.boot_reads} boot reads; profile of {report.vm} now {blocks} blocks "
                f"from {summary['runs']} run(s)")  # fmt: skip

@@ -28,7 +28,7 @@ def describe_repository(repo: Repository) -> dict[str, Any]:
             }
         )
     return {
-        "repository": str(repo.root),
+        "repository": repo.location,
         "block_size": repo.block_size,
         "chunks": len(chunk_ids),
         "stored_bytes": stored,

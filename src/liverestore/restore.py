@@ -352,7 +352,7 @@ class InstantRestore:
         port = self.nbd_port = await self.agent.listen("127.0.0.1", 0)
         self._tasks.append(asyncio.create_task(self._ticker()))
         block_size = self.repo.block_size
-        stored_profile = self.repo.catalog.get_profile(self.point.vm) if opts.use_profile else None
+        stored_profile = self.repo.get_profile(self.point.vm) if opts.use_profile else None
         plan = profiles.profile_blocks(stored_profile, block_size)
         self.report.profile_blocks = sum(len(b) for b in plan.values())
 
@@ -405,8 +405,8 @@ class InstantRestore:
         if opts.record_profile:
             sizes = {n: e.block_size for n, e in self.agent.exports.items()}
             trace = {n.split("/", 1)[1]: b for n, b in profiles.blocks_from_trace(boot_events, sizes).items()}
-            merged = profiles.merge_run(self.repo.catalog.get_profile(self.point.vm), trace, block_size)
-            self.repo.catalog.put_profile(self.point.vm, merged)
+            merged = profiles.merge_run(self.repo.get_profile(self.point.vm), trace, block_size)
+            self.repo.put_profile(self.point.vm, merged)
         log.info("guest up %.2f s after launch (%.2f s after start; %s)", booted - launched, booted - self._t0, how)
 
         # run: set 2

@@ -39,7 +39,7 @@ class RepositorySource:
         length = manifest.block_length(index)
 
         def work() -> Fetched:
-            return Fetched(self.repo.chunks.get(cid, length), self.repo.chunks.stored_size(cid))
+            return Fetched(*self.repo.chunks.fetch(cid, length))
 
         return await asyncio.to_thread(work)
 

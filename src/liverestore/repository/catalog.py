@@ -1,14 +1,12 @@
-"""SQLite catalog of VMs, restore points, their disks and configs, and boot profiles.
-
-A restore point becomes visible in a single transaction after all of its chunks and manifests are
-on disk, so a backup killed half-way leaves no partial point behind (only unreferenced chunks).
+"""SQLite catalog: a local cache of the repository's restore points (and, in repositories from
+before profiles were objects, their boot profiles), so listing and lookups need no round trips.
+The point objects in the backend are the truth; ``Repository.sync_catalog`` rebuilds this.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -94,25 +92,32 @@ class Catalog:
             raise
         self._db.execute("COMMIT")
 
-    def add_point(
-        self, point_id: str, vm: str, bytes_new: int, disks: list[DiskRecord], configs: list[ConfigRecord]
-    ) -> None:
+    def add_record(self, rec: PointRecord) -> None:
+        """Cache one restore point (idempotent: two processes may sync the same point)."""
         with self._transaction() as db:
+            if db.execute("SELECT 1 FROM points WHERE id = ?", (rec.id,)).fetchone():
+                return
             db.execute(
                 "INSERT INTO points (id, vm, created, bytes_new) VALUES (?, ?, ?, ?)",
-                (point_id, vm, time.time(), bytes_new),
+                (rec.id, rec.vm, rec.created, rec.bytes_new),
             )
             db.executemany(
                 "INSERT INTO point_disks VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (point_id, i, d.name, d.manifest_id, d.manifest_size, d.virtual_size, d.allocated)
-                    for i, d in enumerate(disks)
+                    (rec.id, i, d.name, d.manifest_id, d.manifest_size, d.virtual_size, d.allocated)
+                    for i, d in enumerate(rec.disks)
                 ],
             )
             db.executemany(
                 "INSERT INTO point_configs VALUES (?, ?, ?, ?)",
-                [(point_id, c.filename, c.chunk_id, c.size) for c in configs],
+                [(rec.id, c.filename, c.chunk_id, c.size) for c in rec.configs],
             )
+
+    def remove_point(self, point_id: str) -> None:
+        with self._transaction() as db:
+            for table in ("point_disks", "point_configs"):
+                db.execute(f"DELETE FROM {table} WHERE point_id = ?", (point_id,))
+            db.execute("DELETE FROM points WHERE id = ?", (point_id,))
 
     def _point(self, row: tuple[Any, ...]) -> PointRecord:
         pid = row[0]
@@ -148,14 +153,6 @@ class Catalog:
     def get_profile(self, vm: str) -> dict[str, Any] | None:
         row = self._db.execute("SELECT data FROM profiles WHERE vm = ?", (vm,)).fetchone()
         return None if row is None else dict(json.loads(row[0]))
-
-    def put_profile(self, vm: str, data: dict[str, Any]) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO profiles (vm, data, updated) VALUES (?, ?, ?) "
-                "ON CONFLICT (vm) DO UPDATE SET data = excluded.data, updated = excluded.updated",
-                (vm, json.dumps(data), time.time()),
-            )
 
     def delete_profile(self, vm: str) -> bool:
         with self._transaction() as db:

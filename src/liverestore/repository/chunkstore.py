@@ -14,7 +14,8 @@ from pathlib import Path
 import blake3
 import zstandard
 
-from liverestore.errors import IntegrityError, RepositoryError, RepositoryUnavailable
+from liverestore.errors import IntegrityError, RepositoryError
+from liverestore.repository.backend import Backend, Handle, ObjectMissing
 
 _ZSTD_LEVEL = 3
 
@@ -36,17 +37,18 @@ def write_atomically(path: Path, data: bytes, *, fsync: bool = False) -> None:
 
 
 class ChunkStore:
-    """Directory of zstd-compressed chunks, fanned out by the first two hex digits."""
+    """zstd-compressed chunks in a backend, one object per chunk named by its id."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
         # zstd contexts are not thread-safe; the agent decompresses in worker threads.
         self._local = threading.local()
 
-    def _path(self, cid: str) -> Path:
+    @staticmethod
+    def handle(cid: str) -> Handle:
         if len(cid) != 64 or any(c not in "0123456789abcdef" for c in cid):
             raise RepositoryError(f"malformed chunk id {cid!r}")
-        return self.root / cid[:2] / cid[2:]
+        return Handle("chunks", cid)
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "c", None)
@@ -63,42 +65,36 @@ class ChunkStore:
     def put(self, data: bytes, cid: str | None = None) -> tuple[str, int]:
         """Store ``data`` unless present; return (chunk id, bytes newly written)."""
         cid = cid or chunk_id(data)
-        path = self._path(cid)
-        if path.exists():
+        h = self.handle(cid)
+        if self.backend.stat(h) is not None:
             return cid, 0
-        path.parent.mkdir(exist_ok=True)
         blob = self._compressor().compress(data)
-        write_atomically(path, blob)
+        self.backend.save(h, blob)
         return cid, len(blob)
 
     def stored_size(self, cid: str) -> int:
-        try:
-            return self._path(cid).stat().st_size
-        except FileNotFoundError:
-            raise IntegrityError(f"chunk {cid} is missing from the repository") from None
+        size = self.backend.stat(self.handle(cid))
+        if size is None:
+            raise IntegrityError(f"chunk {cid} is missing from the repository")
+        return size
 
     def get(self, cid: str, expected_size: int) -> bytes:
         """Read, decompress and verify one chunk."""
-        path = self._path(cid)
+        return self.fetch(cid, expected_size)[0]
+
+    def fetch(self, cid: str, expected_size: int) -> tuple[bytes, int]:
+        """(data, stored bytes) of one chunk, verified: one request, however far the store is."""
         try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
-            if not self.root.is_dir():  # the whole store is gone: an unmount or outage, not damage
-                raise RepositoryUnavailable(f"chunk store {self.root} is unreachable") from None
+            blob = self.backend.load(self.handle(cid))
+        except ObjectMissing:
             raise IntegrityError(f"chunk {cid} is missing from the repository") from None
-        except OSError as e:
-            raise RepositoryUnavailable(f"chunk {cid} cannot be read: {e.strerror}") from None
         try:
             data = self._decompressor().decompress(blob, max_output_size=expected_size)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"chunk {cid} is corrupt (cannot decompress: {e})") from None
         if len(data) != expected_size or chunk_id(data) != cid:
             raise IntegrityError(f"chunk {cid} is corrupt (content does not match its hash)")
-        return data
+        return data, len(blob)
 
     def iter_ids(self) -> list[str]:
-        out: list[str] = []
-        for sub in sorted(self.root.iterdir()):
-            if sub.is_dir() and len(sub.name) == 2:
-                out.extend(sub.name + p.name for p in sub.iterdir() if not p.name.startswith("."))
-        return out
+        return list(self.backend.list("chunks"))

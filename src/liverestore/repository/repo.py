@@ -1,22 +1,33 @@
-"""A repository directory: its format file, chunk store, manifests and catalog, opened together."""
+"""A repository: its config, chunks, manifests, restore points and profiles, all in one backend.
+
+Everything a restore needs lives in the backend (a directory or an S3 bucket), so a second
+machine with only the location and credentials can list, verify and restore. Each restore point
+is one object (``points/<id>``) written after its chunks and manifests are durable: that write is
+the commit, so two backups into one repository never lose each other's point. The SQLite catalog
+is a local cache of those objects for fast listing, rebuilt from the backend when it lags behind.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import blake3
 
 from liverestore.errors import RepositoryError
+from liverestore.repository.backend import Backend, Handle, LocalBackend, ObjectMissing, open_backend
 from liverestore.repository.catalog import Catalog, ConfigRecord, DiskRecord, PointRecord
-from liverestore.repository.chunkstore import ChunkStore, write_atomically
+from liverestore.repository.chunkstore import ChunkStore
 from liverestore.repository.manifest import DEFAULT_BLOCK_SIZE, DiskManifest, check_block_size
 
 FORMAT_NAME = "liverestore-repository"
 FORMAT_VERSION = 1
+CONFIG = Handle("config", "repository.json")
 
 
 @dataclass(frozen=True)
@@ -34,59 +45,113 @@ class RestorePoint:
         return self.record.vm
 
 
+def _catalog_path(backend: Backend) -> Path:
+    """Local repositories keep their catalog beside the data; remote ones in the user's data dir."""
+    if isinstance(backend, LocalBackend):
+        return backend.root / "catalog.sqlite"
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    digest = hashlib.sha256(backend.location.encode()).hexdigest()[:16]
+    path = Path(base) / "liverestore" / "catalogs" / digest / "catalog.sqlite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _point_doc(rec: PointRecord) -> bytes:
+    return json.dumps(asdict(rec), indent=1).encode()
+
+
+def _point_from_doc(blob: bytes) -> PointRecord:
+    d = json.loads(blob)
+    return PointRecord(id=d["id"], vm=d["vm"], created=d["created"], bytes_new=d["bytes_new"],
+                       disks=tuple(DiskRecord(**x) for x in d["disks"]),
+                       configs=tuple(ConfigRecord(**x) for x in d["configs"]))  # fmt: skip
+
+
 class Repository:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        cfg_path = root / "repository.json"
-        if not root.is_dir():
-            raise RepositoryError(f"repository {root} does not exist (create it with 'liverestore init')")
+    def __init__(self, location: str | Path) -> None:
+        self.backend = open_backend(str(location))
+        self.location = self.backend.location
+        if isinstance(self.backend, LocalBackend) and not self.backend.root.is_dir():
+            raise RepositoryError(f"repository {location} does not exist (create it with 'liverestore init')")
         try:
-            cfg = json.loads(cfg_path.read_text())
-        except FileNotFoundError:
-            raise RepositoryError(f"{root} is not a liverestore repository (no repository.json)") from None
-        except (OSError, ValueError) as e:
-            raise RepositoryError(f"{cfg_path} is unreadable: {e}") from None
+            cfg = json.loads(self.backend.load(CONFIG))
+        except ObjectMissing:
+            raise RepositoryError(f"{location} is not a liverestore repository (no repository.json)") from None
+        except ValueError as e:
+            raise RepositoryError(f"{location}/repository.json is unreadable: {e}") from None
         if cfg.get("format") != FORMAT_NAME or cfg.get("version") != FORMAT_VERSION:
-            raise RepositoryError(f"{root} is not a liverestore repository of version {FORMAT_VERSION}")
+            raise RepositoryError(f"{location} is not a liverestore repository of version {FORMAT_VERSION}")
         self.block_size = int(cfg["block_size"])
-        self.chunks = ChunkStore(root / "chunks")
-        self.manifest_dir = root / "manifests"
-        self.catalog = Catalog(root / "catalog.sqlite")
+        self.chunks = ChunkStore(self.backend)
+        self.catalog = Catalog(_catalog_path(self.backend))
+        self.sync_catalog()
+
+    @property
+    def root(self) -> Path:
+        """The directory of a local repository (tests and tools that look at files)."""
+        if not isinstance(self.backend, LocalBackend):
+            raise RepositoryError(f"{self.location} is not a local directory")
+        return self.backend.root
+
+    @property
+    def manifest_dir(self) -> Path:
+        return self.root / "manifests"
 
     @classmethod
-    def init(cls, root: Path, block_size: int = DEFAULT_BLOCK_SIZE) -> Repository:
+    def init(cls, location: str | Path, block_size: int = DEFAULT_BLOCK_SIZE) -> Repository:
         try:
             check_block_size(block_size)
         except ValueError as e:
             raise RepositoryError(str(e)) from None
-        if (root / "repository.json").exists():
-            raise RepositoryError(f"{root} already holds a repository")
-        if root.exists() and any(root.iterdir()):
-            raise RepositoryError(f"{root} exists and is not empty")
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            (root / "chunks").mkdir()
-            (root / "manifests").mkdir()
-            doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "block_size": block_size}
-            write_atomically(root / "repository.json", json.dumps(doc, indent=2).encode(), fsync=True)
-        except OSError as e:
-            raise RepositoryError(f"cannot create repository at {root}: {e.strerror}") from None
-        return cls(root)
+        backend = open_backend(str(location))
+        if isinstance(backend, LocalBackend):
+            root = backend.root
+            if (root / "repository.json").exists():
+                raise RepositoryError(f"{root} already holds a repository")
+            if root.exists() and any(root.iterdir()):
+                raise RepositoryError(f"{root} exists and is not empty")
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                backend.create_layout()
+            except OSError as e:
+                raise RepositoryError(f"cannot create repository at {root}: {e.strerror}") from None
+        doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "block_size": block_size}
+        if not backend.create_if_absent(CONFIG, json.dumps(doc, indent=2).encode()):
+            raise RepositoryError(f"{backend.location} already holds a repository")
+        return cls(location)
 
     @classmethod
-    def open(cls, root: Path) -> Repository:
-        return cls(root)
+    def open(cls, location: str | Path) -> Repository:
+        return cls(location)
 
     def close(self) -> None:
         self.catalog.close()
+
+    def sync_catalog(self) -> None:
+        """Bring the local catalog in line with the point objects in the backend. A repository
+        made before points were objects has them only in its catalog: they are written out once."""
+        stored = set(self.backend.list("points"))
+        cached = {p.id: p for p in self.catalog.points()}
+        if not stored and cached:
+            for rec in cached.values():
+                self.backend.create_if_absent(Handle("points", rec.id), _point_doc(rec))
+            return
+        for pid in stored - set(cached):
+            try:
+                rec = _point_from_doc(self.backend.load(Handle("points", pid)))
+            except (ObjectMissing, ValueError, KeyError, TypeError) as e:
+                raise RepositoryError(f"restore point object {pid} is unreadable: {e}") from None
+            self.catalog.add_record(rec)
+        for pid in set(cached) - stored:
+            self.catalog.remove_point(pid)
 
     # -- manifests -----------------------------------------------------------------------------
     def store_manifest(self, manifest: DiskManifest) -> DiskRecord:
         blob = manifest.to_bytes()
         mid = str(blake3.blake3(blob).hexdigest())
-        path = self.manifest_dir / mid
-        if not path.exists():
-            write_atomically(path, blob, fsync=True)
+        h = Handle("manifests", mid)
+        if self.backend.stat(h) is None:
+            self.backend.save(h, blob)
         return DiskRecord(
             name=manifest.name,
             manifest_id=mid,
@@ -98,8 +163,8 @@ class Repository:
     def load_manifest(self, disk: DiskRecord) -> DiskManifest:
         label = f"{disk.manifest_id[:16]} (disk {disk.name})"
         try:
-            blob = (self.manifest_dir / disk.manifest_id).read_bytes()
-        except FileNotFoundError:
+            blob = self.backend.load(Handle("manifests", disk.manifest_id))
+        except ObjectMissing:
             raise RepositoryError(f"manifest {label} is missing") from None
         if len(blob) != disk.manifest_size or blake3.blake3(blob).hexdigest() != disk.manifest_id:
             raise RepositoryError(f"manifest {label} is corrupt (does not match its hash)")
@@ -109,11 +174,14 @@ class Repository:
     def commit_point(
         self, vm: str, disks: list[DiskRecord], configs: list[ConfigRecord], bytes_new: int
     ) -> RestorePoint:
-        """Make a restore point visible. Call only once every chunk and manifest is durable."""
-        os.sync()  # chunks are written without per-file fsync for speed; make them durable at once
-        seed = f"{vm}\0{time.time_ns()}\0" + "\0".join(d.manifest_id for d in disks)
+        """Make a restore point visible. Call only once every chunk and manifest is saved."""
+        self.backend.flush()
+        seed = f"{vm}\0{time.time_ns()}\0{os.getpid()}\0" + "\0".join(d.manifest_id for d in disks)
         point_id = str(blake3.blake3(seed.encode()).hexdigest())[:12]
-        self.catalog.add_point(point_id, vm, bytes_new, disks, configs)
+        rec = PointRecord(point_id, vm, time.time(), bytes_new, tuple(disks), tuple(configs))
+        if not self.backend.create_if_absent(Handle("points", point_id), _point_doc(rec)):
+            raise RepositoryError(f"restore point id {point_id} collided; run the backup again")
+        self.catalog.add_record(rec)
         return self.get_point(vm, point_id)
 
     def points(self, vm: str | None = None) -> list[RestorePoint]:
@@ -124,7 +192,7 @@ class Repository:
         points = self.catalog.points(vm)
         if not points:
             known = ", ".join(self.catalog.vms()) or "none"
-            raise RepositoryError(f"VM {vm!r} has no backups in {self.root} (known VMs: {known})")
+            raise RepositoryError(f"VM {vm!r} has no backups in {self.location} (known VMs: {known})")
         if point_id is None:
             return RestorePoint(points[-1])
         matches = [p for p in points if p.id.startswith(point_id)] if point_id else []
@@ -135,3 +203,20 @@ class Repository:
 
     def read_config(self, cfg: ConfigRecord) -> bytes:
         return self.chunks.get(cfg.chunk_id, cfg.size)
+
+    # -- boot profiles -------------------------------------------------------------------------
+    def get_profile(self, vm: str) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self.backend.load(Handle("profiles", vm))))
+        except ObjectMissing:
+            return self.catalog.get_profile(vm)  # a repository from before profiles were objects
+        except ValueError:
+            return None  # a damaged profile is only a slower boot: start learning again
+
+    def put_profile(self, vm: str, data: dict[str, Any]) -> None:
+        self.backend.save(Handle("profiles", vm), json.dumps(data).encode())
+
+    def delete_profile(self, vm: str) -> bool:
+        existed = self.backend.stat(Handle("profiles", vm)) is not None
+        self.backend.remove(Handle("profiles", vm))
+        return self.catalog.delete_profile(vm) or existed

@@ -1,0 +1,269 @@
+"""Where repository bytes live: a local directory or an S3 bucket, behind one small interface.
+
+As in restic, a backend stores named objects and knows nothing of chunks, manifests or points;
+the repository knows nothing of where objects live. Objects are addressed by a ``Handle``
+(a kind and a name). Every backend sorts its own failures into three: the object is missing
+(``ObjectMissing``), the store cannot be reached right now (``RepositoryUnavailable``: worth
+retrying), or anything else (``RepositoryError``: permanent).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from liverestore.errors import RepositoryError, RepositoryUnavailable
+
+KINDS = ("config", "chunks", "manifests", "points", "profiles")
+
+
+@dataclass(frozen=True)
+class Handle:
+    kind: str
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS or not self.name or "/" in self.name or self.name.startswith("."):
+            raise RepositoryError(f"invalid object name {self.kind}/{self.name}")
+
+
+class ObjectMissing(RepositoryError):
+    """The object does not exist (as opposed to: the store cannot be reached)."""
+
+
+class Backend(Protocol):
+    location: str  # shown to the operator
+
+    def save(self, h: Handle, data: bytes) -> None:
+        """Store ``data`` under ``h`` atomically: readers see the old object or the new, never half."""
+        ...
+
+    def create_if_absent(self, h: Handle, data: bytes) -> bool:
+        """Store ``data`` only if ``h`` does not exist yet; False if it did."""
+        ...
+
+    def load(self, h: Handle, offset: int = 0, length: int | None = None) -> bytes: ...
+
+    def stat(self, h: Handle) -> int | None:
+        """The object's size, or None when it does not exist."""
+        ...
+
+    def list(self, kind: str) -> Iterator[str]: ...
+
+    def remove(self, h: Handle) -> None: ...
+
+    def flush(self) -> None:
+        """Make everything saved so far durable (before a restore point that needs it is committed)."""
+        ...
+
+
+class LocalBackend:
+    """A directory. Chunks fan out by their first two hex digits (``chunks/ab/cdef…``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.location = str(root)
+
+    def path(self, h: Handle) -> Path:
+        if h.kind == "chunks":
+            return self.root / "chunks" / h.name[:2] / h.name[2:]
+        if h.kind == "config":
+            return self.root / h.name
+        return self.root / h.kind / h.name
+
+    def _write(self, path: Path, data: bytes, exclusive: bool, fsync: bool = True) -> bool:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # atomic create-if-absent on POSIX filesystems
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    def save(self, h: Handle, data: bytes) -> None:
+        try:  # chunks: no fsync each (thousands per backup); ``flush`` makes them durable at once
+            self._write(self.path(h), data, exclusive=False, fsync=h.kind != "chunks")
+        except OSError as e:
+            raise self._error(h, e) from None
+
+    def create_if_absent(self, h: Handle, data: bytes) -> bool:
+        try:
+            return self._write(self.path(h), data, exclusive=True)
+        except OSError as e:
+            raise self._error(h, e) from None
+
+    def load(self, h: Handle, offset: int = 0, length: int | None = None) -> bytes:
+        try:
+            with open(self.path(h), "rb") as f:
+                if offset:
+                    f.seek(offset)
+                return f.read() if length is None else f.read(length)
+        except OSError as e:
+            raise self._error(h, e) from None
+
+    def stat(self, h: Handle) -> int | None:
+        try:
+            return self.path(h).stat().st_size
+        except FileNotFoundError as e:
+            err = self._error(h, e)
+            if isinstance(err, RepositoryUnavailable):
+                raise err from None
+            return None
+        except OSError as e:
+            raise self._error(h, e) from None
+
+    def list(self, kind: str) -> Iterator[str]:
+        base = self.root / kind
+        if not base.is_dir():
+            return
+        for entry in sorted(base.iterdir()):
+            if kind == "chunks" and entry.is_dir() and len(entry.name) == 2:
+                yield from (entry.name + p.name for p in sorted(entry.iterdir()) if not p.name.startswith("."))
+            elif kind != "chunks" and entry.is_file() and not entry.name.startswith("."):
+                yield entry.name
+
+    def remove(self, h: Handle) -> None:
+        try:
+            self.path(h).unlink(missing_ok=True)
+        except OSError as e:
+            raise self._error(h, e) from None
+
+    def flush(self) -> None:
+        os.sync()
+
+    def create_layout(self) -> None:
+        """The directories of every kind, made at init: one vanishing later is an outage (an
+        unmount, a lost NFS server), not a missing object."""
+        for kind in KINDS[1:]:
+            (self.root / kind).mkdir(parents=True, exist_ok=True)
+
+    def _error(self, h: Handle, e: OSError) -> RepositoryError:
+        if isinstance(e, FileNotFoundError):
+            store = self.root if h.kind == "config" else self.root / h.kind
+            if not store.is_dir():  # the store is gone: an unmount or outage, not damage
+                return RepositoryUnavailable(f"repository {store} is unreachable")
+            return ObjectMissing(f"{h.kind}/{h.name} is missing from {self.root}")
+        return RepositoryUnavailable(f"{h.kind}/{h.name} in {self.root}: {e.strerror}")
+
+
+class S3Backend:
+    """A bucket and prefix on any S3 server (AWS, Ceph RGW, MinIO, SeaweedFS). Endpoint and
+    credentials come the standard way: ``AWS_ENDPOINT_URL``, the AWS credential chain."""
+
+    def __init__(self, bucket: str, prefix: str = "", client: Any = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.client = client or boto3.client("s3", config=Config(
+            max_pool_connections=64, retries={"max_attempts": 2, "mode": "standard"},
+            connect_timeout=5, read_timeout=30,
+        ))  # fmt: skip
+
+    def key(self, h: Handle) -> str:
+        return "/".join(p for p in (self.prefix, h.kind, h.name) if p)
+
+    def _call(self, h: Handle | None, fn: Any, **kw: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        what = f"{h.kind}/{h.name}" if h else self.location
+        try:
+            return fn(Bucket=self.bucket, **kw)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectMissing(f"{what} is missing from {self.location}") from None
+            if code == "NoSuchBucket":
+                raise RepositoryError(f"bucket {self.bucket} does not exist") from None
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+                raise RepositoryError(f"{self.location}: access denied ({code})") from None
+            if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout", "ServiceUnavailable"):
+                raise RepositoryUnavailable(f"{what}: the S3 server answered {code or status}") from None
+            raise RepositoryError(f"{what}: S3 error {code or status}") from None
+        except BotoCoreError as e:  # connection refused, reset, timeout: the store is away
+            raise RepositoryUnavailable(f"{self.location} is unreachable: {e}") from None
+
+    def save(self, h: Handle, data: bytes) -> None:
+        self._call(h, self.client.put_object, Key=self.key(h), Body=data)
+
+    def create_if_absent(self, h: Handle, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.key(h), Body=data, IfNoneMatch="*")
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in ("PreconditionFailed", "412"):
+                return False
+            return self._fallback_create(h, data)
+        return True
+
+    def _fallback_create(self, h: Handle, data: bytes) -> bool:
+        """Servers without conditional writes: check, then write (names here are unique anyway)."""
+        if self.stat(h) is not None:
+            return False
+        self.save(h, data)
+        return True
+
+    def load(self, h: Handle, offset: int = 0, length: int | None = None) -> bytes:
+        kw: dict[str, Any] = {"Key": self.key(h)}
+        if offset or length is not None:
+            kw["Range"] = f"bytes={offset}-" + (str(offset + length - 1) if length is not None else "")
+        r = self._call(h, self.client.get_object, **kw)
+        body: bytes = r["Body"].read()
+        if int(r.get("ContentLength", len(body))) != len(body):
+            raise RepositoryUnavailable(f"{h.kind}/{h.name}: short read from {self.location}")
+        return body
+
+    def stat(self, h: Handle) -> int | None:
+        try:
+            r = self._call(h, self.client.head_object, Key=self.key(h))
+        except ObjectMissing:
+            return None
+        return int(r["ContentLength"])
+
+    def list(self, kind: str) -> Iterator[str]:
+        prefix = "/".join(p for p in (self.prefix, kind) if p) + "/"
+        token: str | None = None
+        while True:
+            kw: dict[str, Any] = {"Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+            r = self._call(None, self.client.list_objects_v2, **kw)
+            for obj in r.get("Contents", []):
+                yield str(obj["Key"])[len(prefix):]
+            if not r.get("IsTruncated"):
+                return
+            token = r.get("NextContinuationToken")
+
+    def remove(self, h: Handle) -> None:
+        self._call(h, self.client.delete_object, Key=self.key(h))
+
+    def flush(self) -> None:
+        """An acknowledged PUT is durable: nothing to do."""
+
+
+def open_backend(location: str) -> Backend:
+    """``s3://BUCKET[/PREFIX]`` or a directory path."""
+    if location.startswith("s3://"):
+        bucket, _, prefix = location.removeprefix("s3://").partition("/")
+        if len(bucket) < 3:
+            raise RepositoryError(f"invalid repository {location!r}: expected s3://BUCKET[/PREFIX]")
+        return S3Backend(bucket, prefix)
+    if "://" in location:
+        raise RepositoryError(f"unsupported repository {location!r}: use a directory or s3://BUCKET/PREFIX")
+    return LocalBackend(Path(location))
