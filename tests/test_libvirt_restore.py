@@ -290,3 +290,27 @@ def test_uefi_nvram_and_cdrom_are_backed_up_and_restored(vmdir: Path, domains: l
     inactive = virsh("dumpxml", "--inactive", name)
     assert f"<nvram>{restored_nvram}</nvram>" in inactive and f"{name}-sdc.iso" in inactive
     assert "running" in virsh("domstate", name)
+
+
+def test_restore_under_a_new_name_runs_beside_the_original_identity(
+    domain_backup: DomainBackup, vmdir: Path, domains: list[str]
+) -> None:
+    """``--name`` gives the copy a new UUID and new MACs; ``--no-network`` drops the NICs."""
+    copy = f"{domain_backup.name}-copy"
+    domains.append(copy)
+    r = lr("restore", "--repo", str(domain_backup.repo), "--vm", domain_backup.name, "--name", copy,
+           "--dest", str(vmdir / "p"), "--cache-dir", str(vmdir / "c"), "--boot-marker", "BOOT-OK", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    first_uuid = virsh("domuuid", copy).strip()
+    assert MAC not in virsh("domiflist", copy) and virsh("domiflist", copy).strip()  # a NIC, a new MAC
+    assert sorted(json.loads(r.stdout)["destinations"]) == ["sda", "vda"]
+    virsh("destroy", copy)
+    virsh("undefine", copy)
+    for f in (vmdir / "p").glob(f"{copy}-*"):
+        f.unlink()
+    (vmdir / "p" / f"{copy}.restore.json").unlink()
+    r = lr("restore", "--repo", str(domain_backup.repo), "--vm", domain_backup.name, "--name", copy,
+           "--no-network", "--dest", str(vmdir / "p"), "--cache-dir", str(vmdir / "c"), "--boot-marker",
+           "BOOT-OK")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert virsh("domiflist", copy).strip() == "" and virsh("domuuid", copy).strip() != first_uuid
