@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,28 @@ def test_truncated_qcow2_is_rejected_and_leaves_no_point(repo: Repository, tmp_p
     with pytest.raises(DiskFormatError):
         run_backup(repo, "vmq", [q], [])
     assert repo.points("vmq") == []
+
+
+def test_a_qcow2_name_on_raw_bytes_is_refused_unless_declared(tmp_path: Path) -> None:
+    """A ``.qcow2`` file holding raw data (a lost header reads the same) is not guessed at."""
+    repo = tmp_path / "repo"
+    fake = tmp_path / "web01.qcow2"
+    content = make_disk(fake, 8 * MiB)
+
+    def lr(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "liverestore", *args], capture_output=True, text=True)
+
+    assert lr("init", str(repo)).returncode == 0
+    r = lr("backup", "--repo", str(repo), "--vm", "web01", str(fake))
+    assert r.returncode == 1 and "is named qcow2 but holds raw data" in r.stderr and "--format raw" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert lr("list", "--repo", str(repo)).stdout.count("point ") == 0, "nothing is committed"
+    r = lr("backup", "--repo", str(repo), "--vm", "web01", "--format", "raw", str(fake))
+    assert r.returncode == 0, r.stderr
+    back = Repository.open(repo)
+    manifest = back.load_manifest(back.get_point("web01").record.disks[0])
+    assert manifest.source_format == "raw" and manifest.virtual_size == len(content)
+    real = tmp_path / "real.img"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(fake), str(real)], check=True)
+    r = lr("backup", "--repo", str(repo), "--vm", "web02", "--format", "raw", str(real))
+    assert r.returncode == 1 and "is declared raw but holds qcow2 data" in r.stderr

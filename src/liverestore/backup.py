@@ -57,11 +57,12 @@ def backup_disk(
     previous: DiskManifest | None,
     stats: BackupStats,
     progress: ProgressFn | None,
+    declared_format: str | None = None,
 ) -> DiskManifest:
     bs = repo.block_size
     known = set(c for c in previous.blocks if c) if previous and previous.block_size == bs else set()
     storer = _BlockStorer(repo, known)
-    with open_as_raw(path) as (raw, fmt, size):
+    with open_as_raw(path, declared_format) as (raw, fmt, size):
         count = -(-size // bs)
         blocks: list[str | None] = [None] * count
         fd = os.open(raw, os.O_RDONLY)
@@ -103,6 +104,7 @@ def run_backup(
     *,
     disk_names: list[str] | None = None,
     extra_configs: dict[str, bytes] | None = None,
+    disk_format: str | None = None,
 ) -> tuple[RestorePoint, BackupStats]:
     """Back up ``disks`` (named by ``disk_names``, else by file stem) and config files; commit
     one restore point. ``extra_configs`` are configs given as bytes (a libvirt domain XML)."""
@@ -126,7 +128,7 @@ def run_backup(
     stats = BackupStats()
     records: list[DiskRecord] = []
     for path, name in zip(disks, names, strict=True):
-        manifest = backup_disk(repo, path, name, prev_manifests.get(name), stats, progress)
+        manifest = backup_disk(repo, path, name, prev_manifests.get(name), stats, progress, disk_format)
         records.append(repo.store_manifest(manifest))
 
     cfg_records = []

@@ -89,9 +89,11 @@ def parse_size(text: str) -> int:
 @click.option("--libvirt", "libvirt_uri", is_flag=False, flag_value="qemu:///system", default=None,
               metavar="[URI]", help="Back up a libvirt domain (URI default qemu:///system); needs --domain.")  # fmt: skip
 @click.option("--domain", default=None, help="The libvirt domain to back up (shut off).")
+@click.option("--format", "disk_format", type=click.Choice(["raw", "qcow2"]), default=None,
+              help="What the DISK files hold (default: what qemu-img sees, which must fit the file name).")  # fmt: skip
 @click.argument("disks", nargs=-1, type=click.Path(path_type=Path))
 def backup(repo_path: str, vm: str | None, configs: tuple[Path, ...], libvirt_uri: str | None,
-           domain: str | None, disks: tuple[Path, ...]) -> None:  # fmt: skip
+           domain: str | None, disk_format: str | None, disks: tuple[Path, ...]) -> None:  # fmt: skip
     """Back up DISKS (raw or qcow2) of a VM, or a libvirt domain with its definition; prints the
     new restore point id."""
     from liverestore.backup import run_backup
@@ -115,7 +117,7 @@ def backup(repo_path: str, vm: str | None, configs: tuple[Path, ...], libvirt_ur
         raise LiverestoreError("give --vm NAME (or --domain NAME with --libvirt)")
     with byte_progress("backup") as update:
         point, stats = run_backup(repo, vm, list(disks), list(configs), update, disk_names=names,
-                                  extra_configs=extra)  # fmt: skip
+                                  extra_configs=extra, disk_format=disk_format)  # fmt: skip
     click.echo(point.id)
     click.echo(
         f"backed up {len(disks)} disk(s){' and the domain definition' if extra else ''}, "

@@ -21,8 +21,13 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "unknown error"
 
 
-def probe_format(path: Path) -> tuple[str, int]:
-    """Ask qemu-img what the file is: (format, virtual size)."""
+QCOW2_SUFFIXES = (".qcow2", ".qcow", ".qcow2c")
+
+
+def probe_format(path: Path, declared: str | None = None) -> tuple[str, int]:
+    """Ask qemu-img what the file is: (format, virtual size). What the file holds must agree with
+    ``declared`` (``--format``) or, without one, with its name: a ``.qcow2`` file of raw bytes is
+    a mistake to stop at, not a raw disk to back up (a damaged header would read the same)."""
     if not path.is_file():
         raise DiskFormatError(f"disk {path} does not exist or is not a regular file")
     if shutil.which("qemu-img") is None:
@@ -36,15 +41,20 @@ def probe_format(path: Path) -> tuple[str, int]:
     fmt = str(info.get("format"))
     if fmt not in SUPPORTED_FORMATS:
         raise DiskFormatError(f"disk {path} is in {fmt} format; only raw and qcow2 are supported")
+    expected = declared or ("qcow2" if path.suffix.lower() in QCOW2_SUFFIXES else None)
+    if expected is not None and fmt != expected:
+        hint = "give --format raw if raw is right" if fmt == "raw" else f"give --format {fmt} if that is right"
+        raise DiskFormatError(f"disk {path} {'is declared' if declared else 'is named'} {expected} but holds "
+                              f"{fmt} data; refusing to guess ({hint})")  # fmt: skip
     # raw: the file's own size (qemu-img rounds it up to a sector, which we would then fail to read)
     return fmt, path.stat().st_size if fmt == "raw" else int(info["virtual-size"])
 
 
 @contextmanager
-def open_as_raw(path: Path) -> Iterator[tuple[Path, str, int]]:
+def open_as_raw(path: Path, declared: str | None = None) -> Iterator[tuple[Path, str, int]]:
     """Yield a raw view of the disk. qcow2 is converted to a sparse temp file first: reading through
     qemu-img keeps us out of the qcow2 format business and catches truncated or corrupt images."""
-    fmt, size = probe_format(path)
+    fmt, size = probe_format(path, declared)
     if fmt == "raw":
         yield path, fmt, size
         return
