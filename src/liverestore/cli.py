@@ -150,7 +150,8 @@ def list_cmd(repo_path: str, as_json: bool) -> None:
 @click.option("--writable", is_flag=True, help="Accept writes into a copy-on-write area in the cache.")
 @click.option("--repo-latency-ms", type=float, default=0.0, help="Emulated latency per repository fetch.")
 @click.option("--repo-mbps", type=float, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
-@click.option("--fetch-slots", type=int, default=32, show_default=True, help="Concurrent repository fetches.")
+@click.option("--fetch-slots", type=int, default=None,
+              help="Concurrent repository fetches (default: adapt to the link's latency and bandwidth).")  # fmt: skip
 @click.option("--mode", type=click.Choice(["demand-first", "fair", "fifo"]), default="demand-first")
 @click.option("--access-log", type=click.Path(path_type=Path), default=None, help="JSON-lines log of reads.")
 def serve(
@@ -163,7 +164,7 @@ def serve(
     writable: bool,
     repo_latency_ms: float,
     repo_mbps: float,
-    fetch_slots: int,
+    fetch_slots: int | None,
     mode: str,
     access_log: Path | None,
 ) -> None:
@@ -174,7 +175,7 @@ def serve(
 
     if repo_latency_ms < 0 or repo_mbps < 0:
         raise LiverestoreError("--repo-latency-ms and --repo-mbps must not be negative")
-    if fetch_slots < 2:
+    if fetch_slots is not None and fetch_slots < 2:
         raise LiverestoreError("--fetch-slots must be at least 2 (one slot is kept for guest reads)")
     repo = _open_repo(repo_path)
     rp = repo.get_point(vm, point)

@@ -46,6 +46,7 @@ from liverestore.hypervisor.vmspec import (
 from liverestore.repository import DiskManifest, Repository, RestorePoint
 
 log = logging.getLogger("liverestore.restore")
+CLASSIC_FETCHES = 32  # blocks in flight for copies made before launch (classic, CD-ROMs)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class RestoreOptions:
     relocation_prefetch: bool = True  # set 3
     repo_latency_ms: float = 0.0
     repo_mbps: float = 0.0
-    fetch_slots: int = 32
+    fetch_slots: int | None = None  # repository fetches in flight: None adapts to the link
     prefetch_budget_s: float = 120.0
     boot_marker: str | None = "BOOT-OK"
     boot_window_s: float = 20.0
@@ -210,7 +211,7 @@ def _prepare_dest(dest: Path, point: RestorePoint, placement: Placement) -> None
 async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: RestoreOptions,
                     report: RestoreReport) -> None:
     """Copy every allocated block of a disk to ``path`` (written as ``.partial``, renamed when
-    complete), at most ``fetch_slots`` blocks in flight: memory does not grow with the disk."""
+    complete), a bounded number of blocks in flight: memory does not grow with the disk."""
     source = repository_source(repo, opts.repo_latency_ms, opts.repo_mbps)
     partial = path.with_name(path.name + ".partial")
     fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -227,7 +228,7 @@ async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: 
         inflight: set[asyncio.Task[None]] = set()
         try:
             for idx in manifest.allocated_blocks():
-                if len(inflight) >= opts.fetch_slots:
+                if len(inflight) >= (opts.fetch_slots or CLASSIC_FETCHES):
                     done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                     for t in done:
                         t.result()

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from liverestore.agent.concurrency import AdaptiveLimit
 from liverestore.agent.export import DiskExport
 from liverestore.agent.metrics import Metrics
 from liverestore.agent.nbd.export import ExportError
@@ -32,7 +33,7 @@ class AgentConfig:
     writable: bool = False
     repo_latency_ms: float = 0.0
     repo_mbps: float = 0.0
-    fetch_slots: int = 32
+    fetch_slots: int | None = None  # None: adapt to the link (starting at 32); a number: fixed
     mode: Mode = Mode.DEMAND_FIRST
     access_log: Path | None = None
     repo_retry_s: float = 120.0  # how long a read waits for an unavailable repository
@@ -67,7 +68,10 @@ class MediaAgent:
         self.config = config
         self.metrics = Metrics()
         self.recorder = AccessRecorder(config.access_log)
-        self.scheduler = FetchScheduler(slots=config.fetch_slots, mode=config.mode)
+        self.scheduler = FetchScheduler(
+            slots=config.fetch_slots or 32, mode=config.mode,
+            adaptive=AdaptiveLimit() if config.fetch_slots is None else None,
+        )  # fmt: skip
         source = repository_source(repo, config.repo_latency_ms, config.repo_mbps)
         self.retrying = RetryingSource(source, deadline_s=config.repo_retry_s)
         source = self.source = self.retrying

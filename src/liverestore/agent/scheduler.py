@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from liverestore.agent.concurrency import AdaptiveLimit
+
 log = logging.getLogger("liverestore.scheduler")
 
 
@@ -72,6 +74,7 @@ class ClassStats:
 class FetchScheduler:
     slots: int = 4
     mode: Mode = Mode.DEMAND_FIRST
+    adaptive: AdaptiveLimit | None = None  # when set, ``slots`` follows the link (see concurrency.py)
     _queues: dict[FetchClass, deque[_Entry]] = field(default_factory=dict)
     _fifo: deque[_Entry] = field(default_factory=deque)
     _pending: dict[Hashable, _Entry] = field(default_factory=dict)
@@ -83,6 +86,8 @@ class FetchScheduler:
     def __post_init__(self) -> None:
         if self.slots < 2:
             raise ValueError("the scheduler needs at least 2 fetch slots (one is kept for demand)")
+        if self.adaptive is not None:
+            self.slots = max(2, int(self.adaptive.limit))
         for c in FetchClass:
             self._queues[c] = deque()
             self._running[c] = 0
@@ -143,6 +148,7 @@ class FetchScheduler:
         return {
             "mode": str(self.mode),
             "slots": self.slots,
+            "adaptive": self.adaptive.snapshot() if self.adaptive else None,
             "running": {str(c): n for c, n in self._running.items()},
             "classes": {str(c): s.as_dict() for c, s in self.stats.items()},
         }
@@ -211,6 +217,7 @@ class FetchScheduler:
 
     async def _run(self, entry: _Entry) -> None:
         cls = entry.cls
+        inflight, t0 = sum(self._running.values()), time.monotonic()
         try:
             await entry.job(cls)
         except asyncio.CancelledError:
@@ -223,6 +230,8 @@ class FetchScheduler:
         else:
             if not entry.future.done():
                 entry.future.set_result(None)
+            if self.adaptive is not None:  # only completed fetches say something about the link
+                self.slots = max(2, self.adaptive.sample(time.monotonic() - t0, inflight))
         finally:
             self._running[cls] -= 1
             if self._pending.get(entry.key) is entry:

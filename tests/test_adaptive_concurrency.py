@@ -1,0 +1,69 @@
+"""Fetch concurrency that fits the link: the real scheduler and the real link emulation
+(``ThrottledSource``: latency per request, one shared bandwidth), fixed 32 slots vs adaptive."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+from liverestore.agent.concurrency import AdaptiveLimit
+from liverestore.agent.scheduler import FetchClass, FetchScheduler, Job
+from liverestore.agent.source import Fetched, ThrottledSource
+from liverestore.repository import DiskManifest
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+class InstantStore:
+    """A store that answers at once: all the time is the emulated link's."""
+
+    def __init__(self, block: int) -> None:
+        self.block = block
+
+    async def fetch(self, manifest: DiskManifest, index: int) -> Fetched:
+        return Fetched(b"", self.block)
+
+
+def _run(latency_ms: float, mbps: float, block: int, count: int, adaptive: bool) -> tuple[float, float, int]:
+    """(throughput MB/s, median fetch latency s, final slots) of ``count`` background fetches."""
+
+    async def go() -> tuple[float, float, int]:
+        link = ThrottledSource(InstantStore(block), latency_ms, mbps)
+        manifest = DiskManifest(name="d", virtual_size=block * count, block_size=block, blocks=(None,) * count,
+                                source_format="raw")  # fmt: skip
+        sched = FetchScheduler(slots=32, adaptive=AdaptiveLimit() if adaptive else None)
+        latencies: list[float] = []
+
+        def job(i: int) -> Job:
+            async def run(_cls: FetchClass) -> None:
+                t0 = time.monotonic()
+                await link.fetch(manifest, i)
+                latencies.append(time.monotonic() - t0)
+
+            return run
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(sched.submit(("d", i), FetchClass.RELOCATION, job(i)) for i in range(count)))
+        took = time.monotonic() - t0
+        await sched.close()
+        return block * count / 1e6 / took, statistics.median(latencies), sched.slots
+
+    return asyncio.run(go())
+
+
+def test_a_long_fat_link_gets_more_fetches_in_flight() -> None:
+    """50 ms per request, 1 Gbit/s, 64 KiB objects: 32 in flight move ~40 MB/s of the link's 125."""
+    fixed, _, _ = _run(50, 1000, 64 * KiB, 2500, adaptive=False)
+    adaptive, _, slots = _run(50, 1000, 64 * KiB, 2500, adaptive=True)
+    print(f"50 ms / 1 Gbit/s: fixed 32 slots {fixed:.0f} MB/s, adaptive {adaptive:.0f} MB/s ({slots} slots)")
+    assert slots > 60 and adaptive >= 1.5 * fixed
+
+
+def test_a_short_congested_link_gets_fewer_and_stops_queueing() -> None:
+    """1 ms per request, 400 Mbit/s, 1 MiB objects: 32 in flight only queue on the link."""
+    fixed_tp, fixed_lat, _ = _run(1, 400, 1 * MiB, 120, adaptive=False)
+    ad_tp, ad_lat, slots = _run(1, 400, 1 * MiB, 120, adaptive=True)
+    print(f"1 ms / 400 Mbit/s: fixed {fixed_tp:.0f} MB/s, median latency {1000 * fixed_lat:.0f} ms; adaptive "
+          f"{ad_tp:.0f} MB/s, {1000 * ad_lat:.0f} ms ({slots} slots)")  # fmt: skip
+    assert slots < 16 and ad_lat < 0.5 * fixed_lat and ad_tp >= 0.9 * fixed_tp
