@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from liverestore.errors import LiverestoreError
-from liverestore.repository.chunkstore import write_atomically
+from liverestore.repository.backend import write_atomically
 
 log = logging.getLogger("liverestore.cache")
 

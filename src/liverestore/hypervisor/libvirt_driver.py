@@ -180,7 +180,7 @@ class LibvirtVM:
         ``--resume`` could never work. Before the guest runs, each overlay's backing is swapped
         for an NBD node of our own that waits for the agent to come back."""
         nodes = await self._qmp("query-named-block-nodes", {"flat": True})
-        for d in self._relocated():
+        for d in self._from_backup():
             # the qcow2 node's "file" is a json: description naming the overlay when it has a backing
             top = next((n for n in nodes if n["drv"] == "qcow2" and json.dumps(str(d.overlay)) in n["file"]), None)
             child = next((n for n in nodes if n["drv"] == "file" and n["file"] == str(d.overlay)), None)
@@ -200,7 +200,7 @@ class LibvirtVM:
 
     async def _disarm_nbd_reconnect(self) -> None:
         """After the pivot our NBD nodes hang on nothing: delete them so the agent is let go."""
-        for d in self._relocated():
+        for d in self._from_backup():
             for node in (f"lr-bak-{d.name}", f"lr-src-{d.name}"):
                 try:
                     await self._qmp("blockdev-del", {"node-name": node})
@@ -335,17 +335,18 @@ class LibvirtVM:
     async def start_relocation(self, destinations: dict[str, Path], fmt: str = "raw") -> None:
         lv = libvirt_module()
         self.destinations, self.dest_format = dict(destinations), fmt
-        for d in self._relocated():
+        for d in self._from_backup():
             dest = destinations[d.name]
             dest_xml = f"<disk type='file'><driver type='{fmt}'/><source file='{dest}'/></disk>"
             await self._call(self.dom.blockCopy, d.name, dest_xml, None, lv.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)
 
-    def _relocated(self) -> list[DiskAttachment]:
+    def _from_backup(self) -> list[DiskAttachment]:
+        """The disks served by the agent (through overlays): what block copy relocates."""
         return [d for d in self.disks if d.local_path is None]
 
     async def relocation_progress(self, raise_on_failure: bool = True) -> list[JobProgress]:
         out = []
-        for d in self._relocated():
+        for d in self._from_backup():
             info = await self._call(self.dom.blockJobInfo, d.name, 0)
             if not info:
                 if raise_on_failure:
@@ -359,10 +360,10 @@ class LibvirtVM:
     async def pivot(self) -> None:
         lv = libvirt_module()
         assert self.spec is not None
-        for d in self._relocated():
+        for d in self._from_backup():
             await self._call(self.dom.blockJobAbort, d.name, lv.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
         await self._disarm_nbd_reconnect()
-        for d in self._relocated():
+        for d in self._from_backup():
             if d.overlay is not None:
                 d.overlay.unlink(missing_ok=True)
         await self.persist()
@@ -370,7 +371,7 @@ class LibvirtVM:
     async def persist(self) -> None:
         """Define the domain persistently on its local disks (the running one becomes persistent)."""
         assert self.spec is not None
-        sources = {d.name: DiskSource(self.destinations[d.name], self.dest_format) for d in self._relocated()
+        sources = {d.name: DiskSource(self.destinations[d.name], self.dest_format) for d in self._from_backup()
                    if d.name in self.destinations}  # fmt: skip
         for d in self.disks:
             if d.local_path is not None:
@@ -380,7 +381,7 @@ class LibvirtVM:
         log.info("domain %s is defined on its local disks and keeps running", self.spec.name)
 
     async def abort_relocation(self) -> None:
-        for d in self._relocated():
+        for d in self._from_backup():
             with contextlib.suppress(LiverestoreError):
                 await self._call(self.dom.blockJobAbort, d.name, 0)
         for path in self.destinations.values():

@@ -31,6 +31,21 @@ class Handle:
             raise RepositoryError(f"invalid object name {self.kind}/{self.name}")
 
 
+def _write_temp(path: Path, data: bytes, fsync: bool) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    return tmp
+
+
+def write_atomically(path: Path, data: bytes, *, fsync: bool = False) -> None:
+    """Write via a temporary name + rename so a crash never leaves a half file under the real name."""
+    os.replace(_write_temp(path, data, fsync), path)
+
+
 class ObjectMissing(RepositoryError):
     """The object does not exist (as opposed to: the store cannot be reached)."""
 
@@ -77,15 +92,10 @@ class LocalBackend:
 
     def _write(self, path: Path, data: bytes, exclusive: bool, fsync: bool = True) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
         if not exclusive:
-            os.replace(tmp, path)
+            write_atomically(path, data, fsync=fsync)
             return True
+        tmp = _write_temp(path, data, fsync)
         try:
             os.link(tmp, path)  # atomic create-if-absent on POSIX filesystems
         except FileExistsError:

@@ -7,9 +7,7 @@ storage must produce an error, never wrong data for a booting VM.
 
 from __future__ import annotations
 
-import os
 import threading
-from pathlib import Path
 
 import blake3
 import zstandard
@@ -23,17 +21,6 @@ _ZSTD_LEVEL = 3
 def chunk_id(data: bytes | memoryview) -> str:
     """Hex BLAKE3 digest: the chunk's name."""
     return str(blake3.blake3(data).hexdigest())
-
-
-def write_atomically(path: Path, data: bytes, *, fsync: bool = False) -> None:
-    """Write via a temporary name + rename so a crash never leaves a half file under the real name."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ChunkStore:
