@@ -71,3 +71,5 @@ def test_bad_definitions_are_one_clear_error() -> None:
         parse_domain("<network/>")
     with pytest.raises(LiverestoreError, match="no <name>"):
         parse_domain("<domain type='qemu'/>")
+    with pytest.raises(LiverestoreError, match="invalid number"):
+        parse_domain("<domain type='qemu'><name>x</name><vcpu>two</vcpu></domain>")

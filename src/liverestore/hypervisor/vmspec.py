@@ -95,6 +95,13 @@ def _memory_mib(el: ET.Element | None) -> int:
 
 
 def parse_domain(xml: str) -> VmSpec:
+    try:
+        return _parse_domain(xml)
+    except ValueError as e:  # a vCPU count, boot order or memory size that is not a number
+        raise LiverestoreError(f"the stored domain XML holds an invalid number ({e})") from None
+
+
+def _parse_domain(xml: str) -> VmSpec:
     root = _parse_xml(xml)
     name = (root.findtext("name") or "").strip()
     if not name:
