@@ -22,7 +22,7 @@ class AdaptiveLimit:
     limit: float = 32.0
     minimum: int = 4
     maximum: int = 256
-    tolerance: float = 1.5  # recent latency up to this many times the base one is no queueing
+    tolerance: float = 2.0  # recent latency up to this many times the base one is no queueing
     smoothing: float = 0.2
     _base: float = 0.0  # the link's own latency: the lowest seen, drifting up slowly
     _short: float = 0.0  # recent latency (fast moving average)
