@@ -8,6 +8,9 @@ know of it.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +30,15 @@ class DiskAttachment:
     export: str = ""
     overlay: Path | None = None
     local_path: Path | None = None
+
+
+async def wait_until_stopped(running: Callable[[], bool], timeout: float) -> bool:
+    """Give a VM up to ``timeout`` seconds to stop on its own (after an ACPI request or a guest
+    power-off); True if it did. Both drivers force it off only after this."""
+    deadline = time.monotonic() + timeout
+    while running() and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    return not running()
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from xml.etree import ElementTree as ET
 
 from liverestore.errors import LiverestoreError
-from liverestore.hypervisor.base import DiskAttachment, JobProgress
+from liverestore.hypervisor.base import DiskAttachment, JobProgress, wait_until_stopped
 from liverestore.hypervisor.console import read_serial_log, wait_for_marker
 from liverestore.hypervisor.qemu import NBD_RECONNECT_DELAY_S, create_overlay
 from liverestore.hypervisor.vmspec import DiskSource, VmSpec, render_domain, restore_metadata
@@ -269,10 +269,7 @@ class LibvirtVM:
         if self.running:
             with contextlib.suppress(LiverestoreError):
                 await self._call(self.dom.shutdown)
-        deadline = time.monotonic() + timeout
-        while self.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        obeyed = not self.running
+        obeyed = await wait_until_stopped(lambda: self.running, timeout)
         if not obeyed:
             log.warning("domain %s did not shut down within %.0f s of the ACPI request; forcing it off",
                         self.spec.name if self.spec else "?", timeout)  # fmt: skip
@@ -281,10 +278,7 @@ class LibvirtVM:
 
     async def stop(self, graceful_timeout: float = 0) -> None:
         """Destroy the domain (a transient one disappears; a persistent one stays defined)."""
-        deadline = time.monotonic() + graceful_timeout
-        while self.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        if self.running:
+        if not await wait_until_stopped(lambda: self.running, graceful_timeout):
             with contextlib.suppress(LiverestoreError):
                 await self._call(self.dom.destroy)
 

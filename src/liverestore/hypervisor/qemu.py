@@ -28,7 +28,7 @@ from typing import Any
 from qemu.qmp import QMPClient, QMPError
 
 from liverestore.errors import LiverestoreError
-from liverestore.hypervisor.base import DiskAttachment, JobProgress
+from liverestore.hypervisor.base import DiskAttachment, JobProgress, wait_until_stopped
 from liverestore.hypervisor.console import read_serial_log, wait_for_marker
 from liverestore.hypervisor.vmspec import DiskSpec, VmSpec
 
@@ -209,10 +209,7 @@ class QemuVM:
         if self.running and self.qmp is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp.execute("system_powerdown"), 5)
-        deadline = time.monotonic() + timeout
-        while self.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
-        obeyed = not self.running
+        obeyed = await wait_until_stopped(lambda: self.running, timeout)
         if not obeyed:
             log.warning("%s did not power off within %.0f s of the ACPI request; forcing it off",
                         self.spec.name if self.spec else "the VM", timeout)  # fmt: skip
