@@ -97,7 +97,7 @@ def domains(libvirtd: str) -> Iterator[list[str]]:
     yield names
     for n in names:
         virsh("destroy", n, check=False)
-        virsh("undefine", n, "--nvram", check=False)
+        virsh("undefine", n, "--nvram", "--checkpoints-metadata", check=False)
 
 
 def unique_name(prefix: str) -> str:
@@ -127,3 +127,31 @@ def read_console_until(name: str, marker: str, timeout: float) -> str:
     finally:
         os.close(fd)
     return out.decode(errors="replace")
+
+
+def type_into_console(name: str, line: str) -> None:
+    """Type a line into a running domain's pty serial console. QEMU notices a pty client by
+    polling once a second and reads input only while one is connected: stay for 2.5 s."""
+    xml = virsh("dumpxml", name)
+    pty = xml.split("<source path='", 1)[1].split("'", 1)[0]
+    fd = os.open(pty, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        os.write(fd, line.encode() + b"\n")
+        for _ in range(25):
+            time.sleep(0.1)
+            with contextlib.suppress(BlockingIOError):
+                os.read(fd, 65536)
+    finally:
+        os.close(fd)
+
+
+def wait_for_log(log: Path, marker: str, timeout: float) -> str:
+    """The serial log once ``marker`` is in it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if marker in text:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{marker} did not appear in {log}; last: {text[-400:]!r}")
+        time.sleep(0.2)

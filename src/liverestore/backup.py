@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,51 @@ class _BlockStorer:
         return self.repo.chunks.put(data, cid)
 
 
+def store_disk(
+    repo: Repository,
+    name: str,
+    size: int,
+    reads: Iterator[tuple[int, bytes]],
+    blocks: list[str | None],
+    known: set[str],
+    stats: BackupStats,
+    progress: ProgressFn | None,
+    source_format: str,
+) -> DiskManifest:
+    """Chunk the blocks ``reads`` yields (index, data) into ``blocks`` and make the manifest.
+
+    ``blocks`` arrives holding what is known without reading: ``None`` (zero) everywhere for a
+    full backup, the previous point's ids for an incremental one; each block read replaces its
+    entry. ``known`` (the previous point's ids) lets an unchanged block skip even the existence
+    check."""
+    bs = repo.block_size
+    count = -(-size // bs)
+    storer = _BlockStorer(repo, known)
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        inflight: deque[tuple[int, int, Future[tuple[str | None, int]]]] = deque()
+
+        def drain(limit: int) -> None:
+            while len(inflight) > limit:
+                idx, length, fut = inflight.popleft()
+                cid, written = fut.result()
+                blocks[idx] = cid
+                stats.bytes_new_stored += written
+                stats.blocks_new += written > 0
+                stats.bytes_read += length
+                if progress:
+                    progress(name, (idx + 1) * bs if idx + 1 < count else size, size)
+
+        for idx, data in reads:
+            inflight.append((idx, len(data), pool.submit(storer.store, data)))
+            drain(16)
+        drain(0)
+    stats.blocks_zero += sum(1 for c in blocks if c is None)  # zero blocks and holes alike
+    stats.bytes_virtual += size
+    if progress:
+        progress(name, size, size)
+    return DiskManifest(name=name, virtual_size=size, block_size=bs, blocks=tuple(blocks), source_format=source_format)
+
+
 def backup_disk(
     repo: Repository,
     path: Path,
@@ -59,40 +104,18 @@ def backup_disk(
     progress: ProgressFn | None,
     declared_format: str | None = None,
 ) -> DiskManifest:
+    """A disk file read whole: every allocated block is read and hashed again (the ids of the
+    previous point only spare the writes)."""
     bs = repo.block_size
-    known = set(c for c in previous.blocks if c) if previous and previous.block_size == bs else set()
-    storer = _BlockStorer(repo, known)
+    known = {c for c in previous.blocks if c} if previous and previous.block_size == bs else set()
     with open_as_raw(path, declared_format) as (raw, fmt, size):
-        count = -(-size // bs)
-        blocks: list[str | None] = [None] * count
         fd = os.open(raw, os.O_RDONLY)
         try:
-            with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-                inflight: deque[tuple[int, int, Future[tuple[str | None, int]]]] = deque()
-
-                def drain(limit: int) -> None:
-                    while len(inflight) > limit:
-                        idx, length, fut = inflight.popleft()
-                        cid, written = fut.result()
-                        blocks[idx] = cid
-                        stats.bytes_new_stored += written
-                        stats.blocks_new += written > 0
-                        stats.bytes_read += length
-                        if progress:
-                            progress(name, (idx + 1) * bs if idx + 1 < count else size, size)
-
-                for idx, data in iter_blocks(fd, size, bs):
-                    if data is not None:
-                        inflight.append((idx, len(data), pool.submit(storer.store, data)))
-                    drain(16)
-                drain(0)
+            reads = ((i, d) for i, d in iter_blocks(fd, size, bs) if d is not None)
+            blocks: list[str | None] = [None] * -(-size // bs)
+            return store_disk(repo, name, size, reads, blocks, known, stats, progress, fmt)
         finally:
             os.close(fd)
-    stats.blocks_zero += sum(1 for c in blocks if c is None)  # zero blocks and holes alike
-    stats.bytes_virtual += size
-    if progress:
-        progress(name, size, size)
-    return DiskManifest(name=name, virtual_size=size, block_size=bs, blocks=tuple(blocks), source_format=fmt)
 
 
 def run_backup(
@@ -131,11 +154,17 @@ def run_backup(
         manifest = backup_disk(repo, path, name, prev_manifests.get(name), stats, progress, disk_format)
         records.append(repo.store_manifest(manifest))
 
-    cfg_records = []
     blobs = [(c.name, c.read_bytes()) for c in configs] + sorted((extra_configs or {}).items())
-    for filename, data in blobs:
+    return commit_backup(repo, vm, records, blobs, stats), stats
+
+
+def commit_backup(
+    repo: Repository, vm: str, records: list[DiskRecord], configs: list[tuple[str, bytes]], stats: BackupStats
+) -> RestorePoint:
+    """Store the config files, then commit the point: the last write of every backup."""
+    cfg_records = []
+    for filename, data in configs:
         cid, written = repo.chunks.put(data)
         stats.bytes_new_stored += written
         cfg_records.append(ConfigRecord(filename=filename, chunk_id=cid, size=len(data)))
-    point = repo.commit_point(vm, records, cfg_records, stats.bytes_new_stored)
-    return point, stats
+    return repo.commit_point(vm, records, cfg_records, stats.bytes_new_stored)

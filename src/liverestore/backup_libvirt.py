@@ -2,8 +2,8 @@
 
 The domain's inactive XML becomes the point's ``libvirt-domain.xml``: a restore launches that VM,
 not a stand-in. Each disk is stored under its target name (``vda``, ``sdb``), so the definition
-and the disks meet again by name. Only a shut-off domain is read (its files are not changing
-underneath); a running one is refused until live backups exist.
+and the disks meet again by name. Only a shut-off domain is read here (its files are not
+changing underneath); a running one is backed up live (``liverestore.livebackup``).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ def plan_domain_backup(uri: str, domain: str) -> DomainBackupPlan:
         except lv.libvirtError:
             known = ", ".join(sorted(d.name() for d in conn.listAllDomains(0))) or "none"
             raise LiverestoreError(f"no domain {domain!r} on {uri} (domains: {known})") from None
-        if dom.isActive():
-            raise LiverestoreError(f"domain {domain} is running; live backups are not supported yet: "
-                                   "shut it down first (virsh shutdown {domain})".replace("{domain}", domain))
+        if dom.isActive():  # it started after the caller chose the offline path
+            raise LiverestoreError(f"domain {domain} started while its backup was being planned: run the "
+                                   "backup again (a running domain is backed up live)")  # fmt: skip
         xml = dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE)
     finally:
         conn.close()

@@ -88,12 +88,16 @@ def parse_size(text: str) -> int:
 @click.option("--config", "configs", multiple=True, type=click.Path(path_type=Path), help="VM config file.")
 @click.option("--libvirt", "libvirt_uri", is_flag=False, flag_value="qemu:///system", default=None,
               metavar="[URI]", help="Back up a libvirt domain (URI default qemu:///system); needs --domain.")  # fmt: skip
-@click.option("--domain", default=None, help="The libvirt domain to back up (shut off).")
+@click.option("--domain", default=None,
+              help="The libvirt domain to back up: shut off (its files are read) or running (live, incremental).")  # fmt: skip
 @click.option("--format", "disk_format", type=click.Choice(["raw", "qcow2"]), default=None,
               help="What the DISK files hold (default: what qemu-img sees, which must fit the file name).")  # fmt: skip
+@click.option("--quiesce", is_flag=True, help="Live: freeze the guest's filesystems through its guest agent.")
+@click.option("--full", is_flag=True, help="Live: read every disk whole instead of the blocks changed since the last point.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @click.argument("disks", nargs=-1, type=click.Path(path_type=Path))
-def backup(repo_path: str, vm: str | None, configs: tuple[Path, ...], libvirt_uri: str | None,
-           domain: str | None, disk_format: str | None, disks: tuple[Path, ...]) -> None:  # fmt: skip
+def backup(repo_path: str, vm: str | None, configs: tuple[Path, ...], libvirt_uri: str | None, domain: str | None,
+           disk_format: str | None, quiesce: bool, full: bool, as_json: bool, disks: tuple[Path, ...]) -> None:  # fmt: skip
     """Back up DISKS (raw or qcow2) of a VM, or a libvirt domain with its definition; prints the
     new restore point id."""
     from liverestore.backup import run_backup
@@ -104,25 +108,59 @@ def backup(repo_path: str, vm: str | None, configs: tuple[Path, ...], libvirt_ur
     extra: dict[str, bytes] | None = None
     if domain or libvirt_uri:
         from liverestore.backup_libvirt import plan_domain_backup
+        from liverestore.livebackup import is_running
 
         if not domain:
             raise LiverestoreError("--libvirt needs --domain NAME")
         if disks:
             raise LiverestoreError("with --domain the disks come from the domain's definition: give no DISK")
-        plan = plan_domain_backup(libvirt_uri or "qemu:///system", domain)
+        uri = libvirt_uri or "qemu:///system"
+        if is_running(uri, domain):
+            if configs or disk_format:
+                raise LiverestoreError("a live backup stores the domain's own definition and disk formats: "
+                                       "give no --config or --format")  # fmt: skip
+            _live_backup(repo, uri, domain, vm, quiesce, full, as_json)
+            return
+        plan = plan_domain_backup(uri, domain)
         vm, disks, names, extra = vm or plan.vm, tuple(plan.disk_paths), plan.disk_names, plan.configs
         for s in plan.skipped:
             click.echo(f"not stored: {s}", err=True)
+    if quiesce:
+        raise LiverestoreError("--quiesce needs a running libvirt domain (--libvirt --domain NAME)")
     if not vm:
         raise LiverestoreError("give --vm NAME (or --domain NAME with --libvirt)")
     with byte_progress("backup") as update:
         point, stats = run_backup(repo, vm, list(disks), list(configs), update, disk_names=names,
                                   extra_configs=extra, disk_format=disk_format)  # fmt: skip
-    click.echo(point.id)
+    doc = {"point_id": point.id, "vm": vm, "mode": "full", "checkpoint": None, "base_checkpoint": None,
+           "bytes_read": stats.bytes_read, "bytes_virtual": stats.bytes_virtual, "bytes_new": stats.bytes_new_stored}  # fmt: skip
+    click.echo(json.dumps(doc, indent=2) if as_json else point.id)
     click.echo(
         f"backed up {len(disks)} disk(s){' and the domain definition' if extra else ''}, "
         f"{stats.bytes_virtual / 2**20:.1f} MiB virtual, "
         f"{stats.bytes_read / 2**20:.1f} MiB read, {stats.bytes_new_stored / 2**20:.2f} MiB new in repository",
+        err=True,
+    )
+
+
+def _live_backup(repo: Any, uri: str, domain: str, vm: str | None, quiesce: bool, full: bool,
+                 as_json: bool) -> None:  # fmt: skip
+    from liverestore.livebackup import run_live_backup
+    from liverestore.progress import byte_progress
+
+    def warn(message: str) -> None:
+        click.echo(f"warning: {message}", err=True)
+
+    with byte_progress("live backup") as update:
+        point, summary = run_live_backup(repo, uri, domain, vm=vm, quiesce=quiesce, full=full,
+                                         progress=update, warn=warn)  # fmt: skip
+    click.echo(json.dumps(summary.to_json(), indent=2) if as_json else point.id)
+    since = f" since checkpoint {summary.base_checkpoint}" if summary.base_checkpoint else ""
+    click.echo(
+        f"live {summary.mode} backup of {domain}{since}{' (quiesced)' if summary.quiesced else ''}: "
+        f"{summary.bytes_read / 2**20:.1f} MiB read of {summary.bytes_virtual / 2**20:.1f} MiB of disks, "
+        f"{summary.bytes_new / 2**20:.2f} MiB new in repository, {summary.seconds:.1f} s; "
+        f"next backup starts from checkpoint {summary.checkpoint}",
         err=True,
     )
 

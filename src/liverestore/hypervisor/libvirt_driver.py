@@ -48,7 +48,7 @@ def open_connection(uri: str = DEFAULT_URI) -> Any:
     try:
         return lv.open(uri)
     except lv.libvirtError as e:
-        raise LiverestoreError(f"cannot reach libvirt at {uri}: {_msg(e)} (is libvirtd running?)") from None
+        raise LiverestoreError(f"cannot reach libvirt at {uri}: {libvirt_message(e)} (is libvirtd running?)") from None
 
 
 def libvirt_reachable(uri: str = DEFAULT_URI) -> bool:
@@ -59,7 +59,7 @@ def libvirt_reachable(uri: str = DEFAULT_URI) -> bool:
     return True
 
 
-def _msg(e: Exception) -> str:
+def libvirt_message(e: Exception) -> str:
     text = e.get_error_message() if hasattr(e, "get_error_message") else str(e)
     return str(text).strip().splitlines()[0] if text else type(e).__name__
 
@@ -93,7 +93,7 @@ class LibvirtVM:
         try:
             return await asyncio.to_thread(fn, *args)
         except lv.libvirtError as e:
-            raise LiverestoreError(f"libvirt: {_msg(e)}") from None
+            raise LiverestoreError(f"libvirt: {libvirt_message(e)}") from None
 
     def _conn(self) -> Any:
         if self.conn is None:
@@ -126,7 +126,7 @@ class LibvirtVM:
             conn.getDomainCapabilities(spec.emulator, spec.arch, spec.machine, spec.domain_type, 0)
         except lv.libvirtError as e:
             what = f"{spec.domain_type} {spec.arch} guests" + (f" of machine type {spec.machine}" if spec.machine else "")
-            raise LiverestoreError(f"this host cannot run {what} ({_msg(e)})") from None
+            raise LiverestoreError(f"this host cannot run {what} ({libvirt_message(e)})") from None
         if spec.loader and not Path(spec.loader).exists():
             raise LiverestoreError(f"{spec.name} needs firmware {spec.loader}, which this host lacks")
         for path in destinations.values():

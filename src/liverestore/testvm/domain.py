@@ -3,8 +3,14 @@ benchmarks define it, back it up with ``backup --libvirt``, and restore it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
+
+
+def _format_of(path: Path) -> str:
+    """The driver type an operator would write: the file name says what the image holds."""
+    return "qcow2" if path.suffix == ".qcow2" else "raw"
 
 
 def make_domain_xml(
@@ -12,19 +18,26 @@ def make_domain_xml(
     boot_disk: Path,
     data_disk: Path | None = None,
     *,
+    more_disks: Sequence[Path] = (),
     vcpus: int = 2,
     memory_mib: int = 768,
     network: str | None = None,
     mac: str = "52:54:00:4c:52:01",
+    serial_log: Path | None = None,
 ) -> str:
-    """BIOS boot from ``vda`` (virtio); an optional SATA data disk ``sda``; a virtio NIC on
-    ``network``; a pty serial console the guest prints its markers on; reboot stays a reboot."""
-    data = "" if data_disk is None else f"""
+    """BIOS boot from ``vda`` (virtio); optional SATA data disks ``sda`` (``data_disk``), ``sdb``,
+    ... (``more_disks``), each raw or qcow2 by its suffix; a virtio NIC on ``network``; a pty
+    serial console the guest prints its markers on (also logged to ``serial_log``); reboot stays
+    a reboot."""
+    data = ""
+    for i, disk in enumerate([*([data_disk] if data_disk is not None else []), *more_disks]):
+        data += f"""
     <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source file={quoteattr(str(data_disk))}/>
-      <target dev='sda' bus='sata'/>
+      <driver name='qemu' type='{_format_of(disk)}'/>
+      <source file={quoteattr(str(disk))}/>
+      <target dev='sd{chr(ord("a") + i)}' bus='sata'/>
     </disk>"""
+    log = "" if serial_log is None else f"\n      <log file={quoteattr(str(serial_log))} append='off'/>"
     nic = "" if network is None else f"""
     <interface type='network'>
       <mac address='{mac}'/>
@@ -44,12 +57,12 @@ def make_domain_xml(
   <on_crash>destroy</on_crash>
   <devices>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
+      <driver name='qemu' type='{_format_of(boot_disk)}'/>
       <source file={quoteattr(str(boot_disk))}/>
       <target dev='vda' bus='virtio'/>
       <boot order='1'/>
     </disk>{data}{nic}
-    <serial type='pty'>
+    <serial type='pty'>{log}
       <target port='0'/>
     </serial>
     <console type='pty'>

@@ -31,6 +31,9 @@ verify() {
     cd /
 }
 verify BOOT
+# what a restore point holds of the guest's life: the files it was told to write, its last beat
+echo "MARKS $(ls /mnt/marks 2>/dev/null | tr '\n' ' ')"
+echo "LASTBEAT $(tail -n 1 /mnt/heartbeat.log 2>/dev/null)"
 beat=0
 while true; do
     cmd=""
@@ -42,6 +45,11 @@ while true; do
         write)
             dd if=/dev/urandom of=/mnt/scratch.bin bs=1M count=4 2>/dev/null; sync
             echo "WRITE-OK" ;;
+        mark\ *)
+            name=${cmd#mark }
+            mkdir -p /mnt/marks
+            dd if=/dev/urandom of="/mnt/marks/$name" bs=1M count=8 2>/dev/null; sync
+            echo "MARK-OK $name" ;;
         halt)
             sync; mount -o remount,ro /mnt; sync
             echo "HALTED"
