@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from liverestore.hypervisor.console import type_into_pty
+
 URI = "qemu:///system"
 NETWORK = "lrtest"
 
@@ -130,19 +132,9 @@ def read_console_until(name: str, marker: str, timeout: float) -> str:
 
 
 def type_into_console(name: str, line: str) -> None:
-    """Type a line into a running domain's pty serial console. QEMU notices a pty client by
-    polling once a second and reads input only while one is connected: stay for 2.5 s."""
+    """Type a line into a running domain's pty serial console."""
     xml = virsh("dumpxml", name)
-    pty = xml.split("<source path='", 1)[1].split("'", 1)[0]
-    fd = os.open(pty, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    try:
-        os.write(fd, line.encode() + b"\n")
-        for _ in range(25):
-            time.sleep(0.1)
-            with contextlib.suppress(BlockingIOError):
-                os.read(fd, 65536)
-    finally:
-        os.close(fd)
+    type_into_pty(xml.split("<source path='", 1)[1].split("'", 1)[0], line)
 
 
 def wait_for_log(log: Path, marker: str, timeout: float) -> str:

@@ -7,11 +7,28 @@ whether the VM is a process of ours or a libvirt domain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from liverestore.errors import LiverestoreError
+
+
+def type_into_pty(pty: str, line: str, linger: float = 2.5) -> None:
+    """Type a line into a serial console's pty (a libvirt domain's). QEMU notices a pty client by
+    polling once a second, and reads what was typed only while one is connected: stay connected
+    ``linger`` seconds, discarding the guest's output meanwhile (the log file has it)."""
+    fd = os.open(pty, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        os.write(fd, line.encode() + b"\n")
+        for _ in range(int(linger * 10)):
+            time.sleep(0.1)
+            with contextlib.suppress(BlockingIOError):
+                os.read(fd, 65536)
+    finally:
+        os.close(fd)
 
 
 def read_serial_log(path: Path) -> str:

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +23,7 @@ from xml.etree import ElementTree as ET
 
 from liverestore.errors import LiverestoreError
 from liverestore.hypervisor.base import DiskAttachment, JobProgress, wait_until_stopped
-from liverestore.hypervisor.console import read_serial_log, wait_for_marker
+from liverestore.hypervisor.console import read_serial_log, type_into_pty, wait_for_marker
 from liverestore.hypervisor.qemu import NBD_RECONNECT_DELAY_S, create_overlay
 from liverestore.hypervisor.vmspec import DiskSource, VmSpec, render_domain, restore_metadata
 
@@ -296,17 +295,7 @@ class LibvirtVM:
         pty = src.get("path") if src is not None else None
         if not pty:
             raise LiverestoreError("the domain has no pty serial console to type into")
-        # QEMU notices a pty client by polling once a second, and reads what was typed only while
-        # one is connected: stay connected long enough, discarding the guest's output meanwhile.
-        fd = os.open(pty, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        try:
-            os.write(fd, line.encode() + b"\n")
-            for _ in range(25):
-                await asyncio.sleep(0.1)
-                with contextlib.suppress(BlockingIOError):
-                    os.read(fd, 65536)
-        finally:
-            os.close(fd)
+        await asyncio.to_thread(type_into_pty, pty, line)
 
     async def guest_agent_ready(self) -> bool | None:
         if self.spec is None or not self.spec.has_guest_agent:

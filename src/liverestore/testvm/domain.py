@@ -24,9 +24,10 @@ def make_domain_xml(
     network: str | None = None,
     mac: str = "52:54:00:4c:52:01",
     serial_log: Path | None = None,
+    data_bus: str = "sata",
 ) -> str:
     """BIOS boot from ``vda`` (virtio); optional SATA data disks ``sda`` (``data_disk``), ``sdb``,
-    ... (``more_disks``), each raw or qcow2 by its suffix; a virtio NIC on ``network``; a pty
+    ... (``more_disks``), each raw or qcow2 by its suffix (on ``data_bus="virtio"``: ``vdb``, ...); a virtio NIC on ``network``; a pty
     serial console the guest prints its markers on (also logged to ``serial_log``); reboot stays
     a reboot."""
     data = ""
@@ -35,7 +36,7 @@ def make_domain_xml(
     <disk type='file' device='disk'>
       <driver name='qemu' type='{_format_of(disk)}'/>
       <source file={quoteattr(str(disk))}/>
-      <target dev='sd{chr(ord("a") + i)}' bus='sata'/>
+      <target dev='{"vd" if data_bus == "virtio" else "sd"}{chr(ord("b" if data_bus == "virtio" else "a") + i)}' bus='{data_bus}'/>
     </disk>"""
     log = "" if serial_log is None else f"\n      <log file={quoteattr(str(serial_log))} append='off'/>"
     nic = "" if network is None else f"""

@@ -50,6 +50,17 @@ while true; do
             mkdir -p /mnt/marks
             dd if=/dev/urandom of="/mnt/marks/$name" bs=1M count=8 2>/dev/null; sync
             echo "MARK-OK $name" ;;
+        scribble\ *)
+            # N MiB of fresh random data spread evenly over the raw disk vdb (backup benchmarks)
+            n=${cmd#scribble }
+            mb=$(( $(cat /sys/block/vdb/size) / 2048 ))
+            i=0
+            while [ "$i" -lt "$n" ]; do
+                dd if=/dev/urandom of=/dev/vdb bs=1M count=1 seek=$(( i * mb / n )) conv=notrunc 2>/dev/null
+                i=$((i + 1))
+            done
+            sync
+            echo "SCRIBBLE-OK $n" ;;
         halt)
             sync; mount -o remount,ro /mnt; sync
             echo "HALTED"
