@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from liverestore.livebackup.job import JOB_BASE
+from liverestore.repository import Repository
 from liverestore.testvm.domain import make_domain_xml
 from tests.helpers import MiB, make_disk
 from tests.libvirtfixtures import type_into_console, unique_name, virsh, wait_for_log
@@ -53,6 +54,13 @@ class LiveDomain:
     def point_ids(self) -> list[str]:
         doc = json.loads(lr("list", "--repo", str(self.repo), "--json").stdout)
         return [p["id"] for p in doc["vms"].get(self.name, [])]
+
+    def manifests(self, point_id: str) -> dict[str, str]:
+        repo = Repository.open(self.repo)
+        try:
+            return {d.name: d.manifest_id for d in repo.get_point(self.name, point_id).record.disks}
+        finally:
+            repo.close()
 
     def checkpoints(self) -> list[str]:
         return virsh("checkpoint-list", self.name, "--name").split()
@@ -131,6 +139,18 @@ def test_live_incremental_points_hold_their_moment_and_restore(live: LiveDomain,
     v = lr("verify", "--repo", str(live.repo))
     assert v.returncode == 0, v.stdout + v.stderr
 
+    # with the guest paused nothing changes between two backups: the incremental point (previous
+    # manifest + dirty blocks) must be block for block the point a full read makes
+    virsh("suspend", live.name)
+    try:
+        inc, full = live.backup("--json"), live.backup("--json", "--full")
+    finally:
+        virsh("resume", live.name)
+    assert inc.returncode == 0 and full.returncode == 0, inc.stderr + full.stderr
+    inc_doc, full_doc = json.loads(inc.stdout), json.loads(full.stdout)
+    assert {d["name"]: d["mode"] for d in inc_doc["disks"]}["vda"] == "incremental"
+    assert live.manifests(inc_doc["point_id"]) == live.manifests(full_doc["point_id"])
+
     # every point, instant-restored, boots, passes the guest's file check, and holds the marks
     # written before its backup and none after; its last heartbeat falls within the backup
     for k, (doc, _, before, after) in enumerate(taken):
@@ -145,6 +165,41 @@ def test_live_incremental_points_hold_their_moment_and_restore(live: LiveDomain,
         assert serial.split("MARKS ", 1)[1].splitlines()[0].split() == ["m1", "m2", "m3"][: k + 1]
         last = int(serial.split("LASTBEAT beat ", 1)[1].split()[0])
         assert before <= last <= after, (before, last, after)
+
+
+def test_lost_checkpoint_or_bitmap_means_a_full_read_never_a_wrong_point(live: LiveDomain) -> None:
+    assert live.backup().returncode == 0  # a fresh checkpoint to lose
+    # libvirt forgets the checkpoint (as when a shut-off domain is redefined): nothing vouches
+    # for the previous point
+    [cp] = live.checkpoints()
+    virsh("checkpoint-delete", live.name, cp, "--metadata")
+    r = live.backup("--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert {d["name"]: d["mode"] for d in doc["disks"]} == {"vda": "full", "sda": "full", "sdb": "full"}
+    assert "is gone (domain redefined?)" in r.stderr
+
+    # bitmap lost under a checkpoint libvirt still lists: libvirt refuses the incremental job and
+    # the backup reads in full instead
+    [cp] = live.checkpoints()
+    nodes = json.loads(virsh("qemu-monitor-command", live.name, '{"execute":"query-named-block-nodes"}'))
+    holders = [n["node-name"] for n in nodes["return"] if any(b["name"] == cp for b in n.get("dirty-bitmaps", []))]
+    assert holders, "the checkpoint's bitmaps are not where QEMU keeps them"
+    for node in holders:
+        cmd = {"execute": "block-dirty-bitmap-remove", "arguments": {"node": node, "name": cp}}
+        virsh("qemu-monitor-command", live.name, json.dumps(cmd))
+    r = live.backup("--json")
+    assert r.returncode == 0, r.stderr
+    assert "incrementally from" in r.stderr and "reading every disk in full" in r.stderr
+    doc = json.loads(r.stdout)
+    assert {d["mode"] for d in doc["disks"]} == {"full"}
+    assert live.checkpoints() == [doc["checkpoint"]], r.stderr  # the broken one is gone too
+    # and the chain heals: the next backup is incremental again
+    r = live.backup("--json")
+    assert r.returncode == 0, r.stderr
+    assert {d["name"]: d["mode"] for d in json.loads(r.stdout)["disks"]}["vda"] == "incremental"
+    v = lr("verify", "--repo", str(live.repo))
+    assert v.returncode == 0, v.stdout + v.stderr
 
 
 def test_second_backup_at_once_is_refused(live: LiveDomain) -> None:
@@ -178,7 +233,7 @@ def test_killed_backup_commits_nothing_and_the_next_one_works(live: LiveDomain) 
     assert {d["name"]: d["mode"] for d in doc["disks"]} == {"vda": "incremental", "sda": "incremental",
                                                             "sdb": "full"}  # fmt: skip
     assert live.point_ids() == [*points, doc["point_id"]]
-    assert live.checkpoints() == [doc["checkpoint"]] and not live.has_backup_job()
+    assert live.checkpoints() == [doc["checkpoint"]] and not live.has_backup_job(), r.stderr
     v = lr("verify", "--repo", str(live.repo))
     assert v.returncode == 0, v.stdout + v.stderr
 

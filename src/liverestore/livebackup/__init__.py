@@ -329,12 +329,14 @@ def _read_and_commit(repo: Repository, dom: Any, vm: str, jobdir: Path, disks: l
 
 
 def _read_error(dom: Any, vm: str, e: Exception) -> LiverestoreError:
-    """Name the likely cause: a domain that stopped closes its NBD export a moment before
-    libvirt reports it stopped, so ask a few times."""
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    """Name the likely cause. A stopping domain closes its NBD export before libvirt reports it
+    stopped (libvirt gives QEMU up to 10 s to exit on SIGTERM), so keep asking for a while."""
+    deadline = time.monotonic() + 20
+    while True:
         with contextlib.suppress(Exception):
             if not dom.isActive():
                 return LiverestoreError(f"the domain of {vm} stopped during the backup; no restore point was committed")
+        if time.monotonic() > deadline:
+            break
         time.sleep(0.2)
     return LiverestoreError(f"reading the disks of {vm} failed ({e}); no restore point was committed")

@@ -199,7 +199,14 @@ def delete_checkpoint(dom: Any, name: str) -> str | None:
     """Delete a checkpoint; the reason it could not be, or None."""
     lv = libvirt_module()
     try:
-        dom.checkpointLookupByName(name).delete(0)
+        cp = dom.checkpointLookupByName(name)
+        try:
+            cp.delete(0)
+        except lv.libvirtError as e:
+            # its bitmap is already gone (lost, or the disk was replaced): only the record is left
+            if "not found" not in libvirt_message(e):
+                raise
+            cp.delete(lv.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
     except lv.libvirtError as e:
         if e.get_error_code() == lv.VIR_ERR_NO_DOMAIN_CHECKPOINT:
             return None
