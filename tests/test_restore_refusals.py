@@ -3,6 +3,7 @@ no disk written. And a running domain is not backed up behind libvirt's back."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -92,18 +93,39 @@ def test_restore_refuses_before_starting_anything(
     assert ps.stdout.strip() == ""
 
 
-def test_backup_refuses_a_running_domain(vmdir: Path, domains: list[str]) -> None:
+def test_running_domain_is_backed_up_live_and_bad_input_is_one_line(vmdir: Path, domains: list[str]) -> None:
     name = unique_name("run")
     domains.append(name)
-    make_disk(vmdir / "vda.raw", 8 * MiB)
+    data = make_disk(vmdir / "vda.raw", 8 * MiB)
     _define(vmdir, make_domain_xml(name, vmdir / "vda.raw", memory_mib=64, vcpus=1))
     virsh("start", name)
-    Repository.init(vmdir / "repo").close()
-    r = subprocess.run([sys.executable, "-m", "liverestore", "backup", "--repo", str(vmdir / "repo"),
-                        "--libvirt", "--domain", name], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert r.returncode == 1 and "is running; live backups are not supported yet" in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    repo = vmdir / "repo"
+    Repository.init(repo).close()
+
+    def backup(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "liverestore", "backup", "--repo", str(repo), *args],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    for args, why in ((["--format", "raw"], "give no --config or --format"),
+                      (["--config", str(vmdir / "domain.xml")], "give no --config or --format")):  # fmt: skip
+        r = backup("--libvirt", "--domain", name, *args)
+        assert r.returncode == 1 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = backup("--vm", "x", "--quiesce", str(vmdir / "vda.raw"))
+    assert r.returncode == 1 and "--quiesce needs a running libvirt domain" in r.stderr
+    # the running domain is read live, twice; its raw disk cannot carry a bitmap and is read whole
+    for k in range(2):
+        r = backup("--libvirt", "--domain", name, "--json")
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["disks"][0]["mode"] == "full" and doc["bytes_read"] > 0
+        assert ("vda is a raw disk and cannot carry a dirty bitmap" in r.stderr) == (k == 1), r.stderr
     assert domain_state(name) == "running"
-    r = subprocess.run([sys.executable, "-m", "liverestore", "backup", "--repo", str(vmdir / "repo"),
-                        "--libvirt", "--domain", "no-such-domain-x"], capture_output=True, text=True)  # fmt: skip
+    opened = Repository.open(repo)
+    try:
+        manifest = opened.load_manifest(opened.get_point(name).record.disks[0])
+        assert b"".join(opened.chunks.get(c, manifest.block_length(i)) if c else bytes(manifest.block_length(i))
+                        for i, c in enumerate(manifest.blocks)) == data  # fmt: skip
+    finally:
+        opened.close()
+    r = backup("--libvirt", "--domain", "no-such-domain-x")
     assert r.returncode == 1 and "no domain 'no-such-domain-x'" in r.stderr

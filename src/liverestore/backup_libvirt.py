@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from liverestore.errors import LiverestoreError
 from liverestore.hypervisor.libvirt_driver import libvirt_module, open_connection
@@ -25,15 +26,21 @@ class DomainBackupPlan:
     skipped: list[str]  # what is deliberately not stored, for the operator to see
 
 
+def find_domain(conn: Any, uri: str, domain: str) -> Any:
+    """The domain named ``domain``; one line naming the ones that exist when it does not."""
+    lv = libvirt_module()
+    try:
+        return conn.lookupByName(domain)
+    except lv.libvirtError:
+        known = ", ".join(sorted(d.name() for d in conn.listAllDomains(0))) or "none"
+        raise LiverestoreError(f"no domain {domain!r} on {uri} (domains: {known})") from None
+
+
 def plan_domain_backup(uri: str, domain: str) -> DomainBackupPlan:
     lv = libvirt_module()
     conn = open_connection(uri)
     try:
-        try:
-            dom = conn.lookupByName(domain)
-        except lv.libvirtError:
-            known = ", ".join(sorted(d.name() for d in conn.listAllDomains(0))) or "none"
-            raise LiverestoreError(f"no domain {domain!r} on {uri} (domains: {known})") from None
+        dom = find_domain(conn, uri, domain)
         if dom.isActive():  # it started after the caller chose the offline path
             raise LiverestoreError(f"domain {domain} started while its backup was being planned: run the "
                                    "backup again (a running domain is backed up live)")  # fmt: skip

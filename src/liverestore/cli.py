@@ -183,7 +183,7 @@ def list_cmd(repo_path: str, as_json: bool) -> None:
 @click.option(
     "--listen", default="127.0.0.1:10809", show_default=True, help="NBD address HOST:PORT or unix:PATH."
 )
-@click.option("--control", default=None, help="Status endpoint HOST:PORT (default: NBD port + 1).")
+@click.option("--control", default=None, help="Status endpoint HOST:PORT (default: 127.0.0.1, NBD port + 1).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Read-cache directory.")
 @click.option("--writable", is_flag=True, help="Accept writes into a copy-on-write area in the cache.")
 @click.option("--repo-latency-ms", type=float, default=0.0, help="Emulated latency per repository fetch.")
@@ -192,6 +192,12 @@ def list_cmd(repo_path: str, as_json: bool) -> None:
               help="Concurrent repository fetches (default: adapt to the link's latency and bandwidth).")  # fmt: skip
 @click.option("--mode", type=click.Choice(["demand-first", "fair", "fifo"]), default="demand-first")
 @click.option("--access-log", type=click.Path(path_type=Path), default=None, help="JSON-lines log of reads.")
+@click.option("--tls-creds", type=click.Path(path_type=Path), default=None,
+              help="x509 credentials in QEMU's layout (ca-cert.pem, server-cert.pem, server-key.pem); clients "
+                   "must present a certificate from that CA.")  # fmt: skip
+@click.option("--tls", "tls_mode", type=click.Choice(["require", "allow"]), default="require", show_default=True,
+              help="With --tls-creds: refuse everything but STARTTLS before the upgrade, or also serve plaintext.")  # fmt: skip
+@click.option("--insecure", is_flag=True, help="Allow plaintext NBD on an address other than loopback.")
 def serve(
     repo_path: str,
     vm: str,
@@ -205,10 +211,14 @@ def serve(
     fetch_slots: int | None,
     mode: str,
     access_log: Path | None,
+    tls_creds: Path | None,
+    tls_mode: str,
+    insecure: bool,
 ) -> None:
     """Serve a restore point's disks over NBD as exports VM/DISK."""
     from liverestore.agent.agent import AgentConfig, MediaAgent
     from liverestore.agent.control import ControlServer
+    from liverestore.agent.nbd.tls import TlsPolicy, is_loopback, server_context
     from liverestore.agent.scheduler import Mode
 
     if repo_latency_ms < 0 or repo_mbps < 0:
@@ -219,7 +229,12 @@ def serve(
     rp = repo.get_point(vm, point)
     unix_path = Path(listen.removeprefix("unix:")) if listen.startswith("unix:") else None
     host, port = ("127.0.0.1", 10809) if unix_path else parse_hostport(listen, 10809)
-    chost, cport = parse_hostport(control, port + 1) if control else (host, port + 1 if port else 0)
+    # the control endpoint (status, mode switch) has no authentication: loopback unless asked otherwise
+    chost, cport = parse_hostport(control, port + 1) if control else ("127.0.0.1", port + 1 if port else 0)
+    tls = TlsPolicy(server_context(tls_creds), require=tls_mode == "require") if tls_creds else None
+    if unix_path is None and not is_loopback(host) and (tls is None or not tls.require) and not insecure:
+        raise LiverestoreError(f"refusing plaintext NBD on {host}: anyone who reaches it reads every disk; give "
+                               "--tls-creds DIR (x509), or --insecure on a trusted network")  # fmt: skip
     cfg = AgentConfig(
         cache_dir=cache_dir or default_data_dir() / "cache",
         writable=writable,
@@ -228,6 +243,7 @@ def serve(
         fetch_slots=fetch_slots,
         mode=Mode(mode),
         access_log=access_log,
+        tls=tls,
     )
 
     async def main() -> None:
@@ -244,7 +260,7 @@ def serve(
                 where = f"nbd+unix:///{{export}}?socket={unix_path}"
             else:
                 bound = await agent.listen(host, port)
-                where = f"nbd://{host}:{bound}/{{export}}"
+                where = f"{'nbds' if tls else 'nbd'}://{host}:{bound}/{{export}}"
             try:
                 cbound = await ctl.listen(chost, cport)
             except OSError as e:

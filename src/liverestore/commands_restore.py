@@ -86,6 +86,7 @@ def options_from(kw: dict[str, Any]) -> RestoreOptions:
         hypervisor=kw.get("hypervisor", "auto"), name=kw.get("name") or None,
         network_map=parse_network_map(kw.get("network_map", ())), no_network=kw.get("no_network", False),
         dest_format=kw.get("dest_format", "raw"), keep_cache=kw.get("keep_cache", False),
+        agent_tls_creds=kw.get("agent_tls_creds"),
     )  # fmt: skip
 
 
@@ -127,6 +128,9 @@ def parse_network_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--format", "dest_format", type=click.Choice(["raw", "qcow2"]), default="raw", show_default=True,
               help="Format of the relocated disks.")  # fmt: skip
 @click.option("--keep-cache", is_flag=True, help="Keep the read-cache after relocation (default: remove it).")
+@click.option("--agent-tls-creds", type=click.Path(path_type=Path), default=None,
+              help="Run the VM's NBD connections over x509 TLS: a directory in QEMU's layout holding the CA, "
+                   "server and client certificates and keys (qemu driver).")  # fmt: skip
 @click.option("--accel", default="tcg", show_default=True, help="QEMU accelerator (tcg or kvm; qemu driver).")
 @click.option("--memory", type=int, default=512, show_default=True,
               help="Guest memory in MiB for bare-disk backups (a stored definition brings its own).")  # fmt: skip

@@ -28,6 +28,7 @@ from typing import Any
 
 from liverestore import profile as profiles
 from liverestore.agent.agent import AgentConfig, MediaAgent
+from liverestore.agent.nbd.tls import TlsPolicy, server_context
 from liverestore.agent.prefetch import RelocationPrefetcher, start_background
 from liverestore.agent.scheduler import FetchClass, Mode
 from liverestore.agent.source import repository_source
@@ -77,6 +78,7 @@ class RestoreOptions:
     no_network: bool = False
     dest_format: str = "raw"
     keep_cache: bool = False  # else the read-cache is removed once the disks are relocated
+    agent_tls_creds: Path | None = None  # x509 for the VM's NBD connections (QEMU's layout, both ends)
 
 
 @dataclass
@@ -318,9 +320,10 @@ class InstantRestore:
     def _start_agent(self, cache_dir: Path, disks: set[str]) -> MediaAgent:
         """The agent serves only the disks that run from backup (CD-ROMs were copied first)."""
         opts = self.opts
+        tls = TlsPolicy(server_context(opts.agent_tls_creds)) if opts.agent_tls_creds else None
         return MediaAgent(self.repo, self.point, AgentConfig(
             cache_dir=cache_dir, repo_latency_ms=opts.repo_latency_ms, repo_mbps=opts.repo_mbps,
-            fetch_slots=opts.fetch_slots, mode=Mode.DEMAND_FIRST,
+            fetch_slots=opts.fetch_slots, mode=Mode.DEMAND_FIRST, tls=tls,
         ), disks=disks)  # fmt: skip
 
     # -- the phases ----------------------------------------------------------------------------
@@ -339,6 +342,11 @@ class InstantRestore:
         kind, uri = resolve_choice(opts.hypervisor, spec)
         placement = self._placement = plan_placement(opts.dest, spec, self.point, opts.dest_format,
                                                      copy_all=False, relocate=opts.relocate)  # fmt: skip
+        if opts.agent_tls_creds and kind != "qemu":
+            raise LiverestoreError("--agent-tls-creds needs --hypervisor qemu: libvirt 9.0 takes NBD TLS credentials "
+                                   "only from qemu.conf, for every domain")  # fmt: skip
+        if opts.agent_tls_creds:
+            server_context(opts.agent_tls_creds)  # unusable credentials: one line now, not a failed launch
         vm = open_hypervisor(kind, uri, opts.dest / f".{self.name}.vm", opts.accel)
         self.report.hypervisor = kind
         _prepare_dest(opts.dest, self.point, placement)
@@ -385,7 +393,7 @@ class InstantRestore:
         attachments = [
             DiskAttachment(
                 name=e.manifest.name, size=e.size, nbd_host="127.0.0.1", nbd_port=port, export=name,
-                overlay=vm.workdir / f"{e.manifest.name}.overlay.qcow2",
+                overlay=vm.workdir / f"{e.manifest.name}.overlay.qcow2", tls_creds=opts.agent_tls_creds,
             )
             for name, e in self.agent.exports.items()
         ] + [
@@ -432,6 +440,7 @@ class InstantRestore:
         _write_state(
             self.opts.dest, self.name, state, point=self.point.id, source_vm=self.point.vm,
             hypervisor=self.vm.kind, driver=self.vm.state(), nbd_port=self.nbd_port,
+            agent_tls_creds=str(self.opts.agent_tls_creds) if self.opts.agent_tls_creds else None,
             cache_dir=str(self.opts.cache_dir), spec_xml=spec.domain_xml or bare_domain_xml(spec),
             files=[str(p) for p in self._placement.all_files],
             disks=[{"name": e.manifest.name, "size": e.size, "export": n,
@@ -510,8 +519,11 @@ class InstantRestore:
         self._placement = Placement({d["name"]: Path(d["final"]) for d in st["disks"]},
                                     {n: Path(p) for n, p in st.get("copied", {}).items()},
                                     Path(st["driver"]["nvram"]) if st["driver"].get("nvram") else None)  # fmt: skip
+        if st.get("agent_tls_creds"):  # the VM's NBD connections expect the agent on TLS again
+            self.opts.agent_tls_creds = Path(st["agent_tls_creds"])
         disks = [DiskAttachment(name=d["name"], size=d["size"], nbd_host="127.0.0.1", nbd_port=st["nbd_port"],
-                                export=d["export"], overlay=Path(d["overlay"])) for d in st["disks"]]  # fmt: skip
+                                export=d["export"], overlay=Path(d["overlay"]), tls_creds=self.opts.agent_tls_creds)
+                 for d in st["disks"]]  # fmt: skip
         disks += [DiskAttachment(name=n, size=p.stat().st_size if p.exists() else 0, local_path=p)
                   for n, p in self._placement.copied.items()]  # fmt: skip
         vm = adopt_hypervisor(st["hypervisor"], st["driver"], spec, disks)

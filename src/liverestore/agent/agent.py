@@ -16,6 +16,7 @@ from liverestore.agent.export import DiskExport
 from liverestore.agent.metrics import Metrics
 from liverestore.agent.nbd.export import ExportError
 from liverestore.agent.nbd.server import NbdServer
+from liverestore.agent.nbd.tls import TlsPolicy
 from liverestore.agent.recorder import AccessRecorder
 from liverestore.agent.scheduler import FetchClass, FetchScheduler, Mode
 from liverestore.agent.source import RetryingSource, repository_source
@@ -37,6 +38,7 @@ class AgentConfig:
     mode: Mode = Mode.DEMAND_FIRST
     access_log: Path | None = None
     repo_retry_s: float = 120.0  # how long a read waits for an unavailable repository
+    tls: TlsPolicy | None = None  # x509 on the NBD port (STARTTLS); None: plaintext
 
 
 CACHE_LOCK_NAME = ".lock"
@@ -85,7 +87,7 @@ class MediaAgent:
                 e.close()
             os.close(self._lock_fd)
             raise
-        self.server = NbdServer(self.exports)
+        self.server = NbdServer(self.exports, config.tls)
         self._persist_task: asyncio.Task[None] | None = None
 
     def _open_exports(self, disks: set[str] | None) -> None:

@@ -30,6 +30,7 @@ class DiskAttachment:
     export: str = ""
     overlay: Path | None = None
     local_path: Path | None = None
+    tls_creds: Path | None = None  # x509 client credentials (QEMU's layout) when the export needs TLS
 
 
 async def wait_until_stopped(running: Callable[[], bool], timeout: float) -> bool:

@@ -429,11 +429,15 @@ def _blockdev_args(d: DiskAttachment, readonly: bool = False) -> list[str]:
         "server": {"type": "inet", "host": d.nbd_host, "port": str(d.nbd_port)},
         "export": d.export, "reconnect-delay": NBD_RECONNECT_DELAY_S,
     }  # fmt: skip
+    tls: list[str] = []
+    if d.tls_creds is not None:
+        src["tls-creds"] = f"tls-{d.name}"
+        tls = ["-object", f"tls-creds-x509,id=tls-{d.name},dir={d.tls_creds},endpoint=client"]
     ovl = {
         "driver": "qcow2", "node-name": f"ovl-{d.name}", "backing": f"src-{d.name}",
         "file": {"driver": "file", "filename": str(d.overlay)}, "discard": "unmap",
     }  # fmt: skip
-    return ["-blockdev", json.dumps(src), "-blockdev", json.dumps(ovl)]
+    return [*tls, "-blockdev", json.dumps(src), "-blockdev", json.dumps(ovl)]
 
 
 def create_overlay(path: Path, size: int) -> None:

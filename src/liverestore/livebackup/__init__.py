@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 import blake3
 
 from liverestore.backup import BackupStats, ProgressFn, commit_backup, store_disk
+from liverestore.backup_libvirt import find_domain
 from liverestore.errors import LiverestoreError
 from liverestore.hypervisor.libvirt_driver import libvirt_message, libvirt_module, open_connection
 from liverestore.hypervisor.vmspec import DOMAIN_CONFIG_NAME, NVRAM_CONFIG_NAME, parse_domain
@@ -156,13 +157,9 @@ def run_live_backup(repo: Repository, uri: str, domain: str, *, vm: str | None =
     if urlparse(uri).hostname:
         raise LiverestoreError(f"live backups read QEMU's NBD socket on this host: run liverestore on the "
                                f"host of {uri} (with qemu:///system)")  # fmt: skip
-    lv = libvirt_module()
     conn = open_connection(uri)
     try:
-        try:
-            dom = conn.lookupByName(domain)
-        except lv.libvirtError:
-            raise LiverestoreError(f"no domain {domain!r} on {uri}") from None
+        dom = find_domain(conn, uri, domain)
         with _sigterm_as_interrupt():
             return _backup_domain(repo, dom, domain, vm, quiesce, full, progress, warn)
     finally:

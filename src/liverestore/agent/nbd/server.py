@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from liverestore.agent.nbd import protocol as p
 from liverestore.agent.nbd.export import ExportError, FileSlice, NbdExport
+from liverestore.agent.nbd.tls import TlsPolicy
 
 log = logging.getLogger("liverestore.nbd")
 
@@ -90,7 +91,12 @@ class _Session:
     meta_export: str | None = None
     base_allocation: bool = False
     no_zeroes: bool = False
+    tls: bool = False
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def upgraded(self) -> None:
+        """After STARTTLS the spec has both sides forget what was negotiated in the clear."""
+        self.structured, self.meta_export, self.base_allocation, self.tls = False, None, False, True
 
 
 def _tune_socket(writer: asyncio.StreamWriter) -> None:
@@ -104,11 +110,9 @@ def _tune_socket(writer: asyncio.StreamWriter) -> None:
 
 
 class NbdServer:
-    def __init__(
-        self,
-        exports: Mapping[str, NbdExport],
-    ) -> None:
+    def __init__(self, exports: Mapping[str, NbdExport], tls: TlsPolicy | None = None) -> None:
         self.exports = exports
+        self.tls = tls
         self._servers: list[asyncio.AbstractServer] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -231,6 +235,12 @@ class NbdServer:
             def reply(rtype: int, payload: bytes = b"", opt: int = opt) -> None:
                 writer.write(p.option_reply(opt, rtype, payload))
 
+            if self.tls and self.tls.require and not sess.tls and opt not in (p.OPT_STARTTLS, p.OPT_ABORT):
+                if opt == p.OPT_EXPORT_NAME:  # it has no error reply: the spec says hang up
+                    raise ProtocolViolation("client asked for an export without TLS")
+                reply(p.REP_ERR_TLS_REQD, b"TLS is required: use NBD_OPT_STARTTLS")
+                await writer.drain()
+                continue
             if opt == p.OPT_EXPORT_NAME:
                 export = self.exports.get(data.decode(errors="replace"))
                 if export is None:
@@ -253,7 +263,17 @@ class NbdServer:
                         reply(p.REP_SERVER, struct.pack(">I", len(enc)) + enc)
                     reply(p.REP_ACK)
             elif opt == p.OPT_STARTTLS:
-                reply(p.REP_ERR_UNSUP)  # TLS is not implemented: keep the agent on loopback or a trusted net
+                if self.tls is None:
+                    reply(p.REP_ERR_UNSUP, b"this server has no TLS credentials")
+                elif data or sess.tls:
+                    reply(p.REP_ERR_INVALID)
+                else:
+                    reply(p.REP_ACK)
+                    await writer.drain()
+                    await writer.start_tls(self.tls.context)  # a bad or missing client certificate ends here
+                    sess.upgraded()
+                    _tune_socket(writer)
+                    continue
             elif opt in (p.OPT_INFO, p.OPT_GO):
                 export = self._info(data, sess, reply)
                 if export is not None and opt == p.OPT_GO:
