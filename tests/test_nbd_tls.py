@@ -1,14 +1,18 @@
 """NBD over TLS (x509, client certificates verified) on a real ``liverestore serve``, checked by
-clients nobody here wrote: nbdinfo and nbdcopy (libnbd, GnuTLS) and qemu-img (QEMU's TLS)."""
+clients nobody here wrote: nbdinfo and nbdcopy (libnbd, GnuTLS) and qemu-img (QEMU's TLS); and
+the control endpoint's token."""
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 import socket
 import struct
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,3 +158,38 @@ def test_instant_restore_with_the_agent_on_tls(vm_backup: VmBackup, tmp_path: Pa
                         "--hypervisor", "qemu", "--agent-tls-creds", str(creds.client)],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 1 and "lack server-cert.pem" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_control_endpoint_needs_its_token(repo: Repository, point: RestorePoint, tmp_path: Path) -> None:
+    proc = _serve(repo, tmp_path, "--listen", "127.0.0.1:0", "--control", "0.0.0.0:0")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "give --control-token-file" in err and "Traceback" not in err, err
+
+    token, wrong = tmp_path / "token", tmp_path / "wrong"
+    token.write_text(secrets.token_hex(16) + "\n")
+    wrong.write_text(secrets.token_hex(16))
+    proc = _serve(repo, tmp_path, "--listen", "127.0.0.1:0", "--control", "0.0.0.0:0", "--control-token-file",
+                  str(token))  # fmt: skip
+    assert proc.stderr is not None
+    try:
+        proc.stderr.readline()  # serving ...
+        m = re.search(r"status: http://0\.0\.0\.0:(\d+)/status", proc.stderr.readline())
+        assert m
+        port = int(m.group(1))
+
+        def status(*args: str) -> subprocess.CompletedProcess[str]:
+            return run(sys.executable, "-m", "liverestore", "status", "--control", f"127.0.0.1:{port}", *args)
+
+        for args in ([], ["--token-file", str(wrong)]):
+            r = status(*args)
+            assert r.returncode == 1 and "refused: wrong or missing --token-file" in r.stderr and not r.stdout
+        # nothing can be changed without it either
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/mode/fifo", method="POST"))
+        assert e.value.code == 401
+        r = status("--token-file", str(token))
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["scheduler"]["mode"] == "demand-first"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

@@ -198,6 +198,8 @@ def list_cmd(repo_path: str, as_json: bool) -> None:
 @click.option("--tls", "tls_mode", type=click.Choice(["require", "allow"]), default="require", show_default=True,
               help="With --tls-creds: refuse everything but STARTTLS before the upgrade, or also serve plaintext.")  # fmt: skip
 @click.option("--insecure", is_flag=True, help="Allow plaintext NBD on an address other than loopback.")
+@click.option("--control-token-file", type=click.Path(path_type=Path), default=None,
+              help="A file holding the token every control request must carry (needed beyond loopback).")  # fmt: skip
 def serve(
     repo_path: str,
     vm: str,
@@ -214,6 +216,7 @@ def serve(
     tls_creds: Path | None,
     tls_mode: str,
     insecure: bool,
+    control_token_file: Path | None,
 ) -> None:
     """Serve a restore point's disks over NBD as exports VM/DISK."""
     from liverestore.agent.agent import AgentConfig, MediaAgent
@@ -235,6 +238,10 @@ def serve(
     if unix_path is None and not is_loopback(host) and (tls is None or not tls.require) and not insecure:
         raise LiverestoreError(f"refusing plaintext NBD on {host}: anyone who reaches it reads every disk; give "
                                "--tls-creds DIR (x509), or --insecure on a trusted network")  # fmt: skip
+    token = read_token(control_token_file) if control_token_file else None
+    if token is None and not is_loopback(chost):
+        raise LiverestoreError(f"the control endpoint on {chost} would let anyone read and steer the agent: "
+                               "give --control-token-file FILE")  # fmt: skip
     cfg = AgentConfig(
         cache_dir=cache_dir or default_data_dir() / "cache",
         writable=writable,
@@ -248,7 +255,7 @@ def serve(
 
     async def main() -> None:
         agent = MediaAgent(repo, rp, cfg)
-        ctl = ControlServer(agent)
+        ctl = ControlServer(agent, token)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -281,14 +288,32 @@ def serve(
 
 @cli.command()
 @click.option("--control", default="127.0.0.1:10810", show_default=True, help="Agent status HOST:PORT.")
-def status(control: str) -> None:
+@click.option("--token-file", type=click.Path(path_type=Path), default=None, help="The agent's control token.")
+def status(control: str, token_file: Path | None) -> None:
     """Show a running agent's counters."""
     host, port = parse_hostport(control, 10810)
+    req = urllib.request.Request(f"http://{host}:{port}/status")
+    if token_file:
+        req.add_header("Authorization", f"Bearer {read_token(token_file)}")
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=5) as r:
+        with urllib.request.urlopen(req, timeout=5) as r:
             click.echo(r.read().decode())
+    except urllib.error.HTTPError as e:
+        if e.code == 401:
+            raise LiverestoreError(f"the agent at {host}:{port} refused: wrong or missing --token-file") from None
+        raise LiverestoreError(f"the agent at {host}:{port} answered {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError) as e:
         raise LiverestoreError(f"no agent answers at {host}:{port}: {getattr(e, 'reason', e)}") from None
+
+
+def read_token(path: Path) -> str:
+    try:
+        token = path.read_text().strip()
+    except OSError as e:
+        raise LiverestoreError(f"cannot read the token file {path}: {e.strerror}") from None
+    if len(token) < 16:
+        raise LiverestoreError(f"the token in {path} is shorter than 16 characters")
+    return token
 
 
 @cli.command()

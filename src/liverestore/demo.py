@@ -237,7 +237,9 @@ def comparison(reports: list[RestoreReport]) -> str:
         ("launch to pivot (s)", round(sum(a.phases.get(p, 0) for p in ("launch", "run", "relocate", "pivot")), 2),
          round(sum(b.phases.get(p, 0) for p in ("launch", "run", "relocate", "pivot")), 2)),
         ("repository fetches (blocks)", a.blocks_fetched, b.blocks_fetched),
-        ("read latency p99 (ms, bucket)", a.read_latency_p99_ms, b.read_latency_p99_ms),
+        ("guest read latency p50 / p99 (ms)", f"{a.read_latency_p50_ms:g} / {a.read_latency_p99_ms:g}",
+         f"{b.read_latency_p50_ms:g} / {b.read_latency_p99_ms:g}"),
+        ("mirror read latency p99 (ms)", a.bulk_read_latency_p99_ms, b.bulk_read_latency_p99_ms),
     ]  # fmt: skip
     if b.time_to_boot_s <= 0:
         raise LiverestoreError("run 2 reported no boot time")

@@ -1,44 +1,84 @@
-"""Agent counters: cache hits, repository traffic, read latency. Cheap enough for the hot path."""
+"""Agent counters: cache hits, repository traffic, read latency. Cheap enough for the hot path.
+
+Read latency is kept apart by kind: *guest* reads (under 512 KiB: what a booting or working VM
+issues) and *bulk* reads (512 KiB and more: QEMU's mirror during relocation, nbdcopy, qemu-img).
+Mixed together, a relocation's 1 MiB mirror reads waiting on the repository would be reported
+as the guest's latency.
+"""
 
 from __future__ import annotations
 
-import bisect
+import math
 import time
 from dataclasses import dataclass, field
 
-# latency histogram bucket upper bounds in milliseconds
-_BOUNDS_MS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, float("inf"))
+BULK_READ_MIN = 512 * 1024  # the mirror's reads (see prefetch.MIRROR_READ_MIN) and copy tools'
+
+SUB_BUCKETS = 16  # per power of two: a value is known to within 1/16 (6.25 %)
+MAX_EXPONENT = 27  # 2**27 us = 134 s; slower reads land in the last bucket
+PROMETHEUS_BOUNDS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                       2.5, 5.0, 10.0)  # fmt: skip
+
+
+def _index(us: float) -> int:
+    if us < 1:
+        return 0
+    exp = min(int(math.log2(us)), MAX_EXPONENT)
+    sub = min(int((us / 2**exp - 1) * SUB_BUCKETS), SUB_BUCKETS - 1)
+    return 1 + exp * SUB_BUCKETS + sub
+
+
+def _upper_us(index: int) -> float:
+    """The upper edge of bucket ``index`` in microseconds."""
+    if index == 0:
+        return 1.0
+    exp, sub = divmod(index - 1, SUB_BUCKETS)
+    return float(2**exp * (1 + (sub + 1) / SUB_BUCKETS))
 
 
 @dataclass
 class LatencyHistogram:
-    counts: list[int] = field(default_factory=lambda: [0] * len(_BOUNDS_MS))
+    """Log-linear buckets (HDR style): 16 per power of two from 1 us to 134 s, so a percentile is
+    exact to 6.25 % at any scale with a fixed 450 counters."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (2 + (MAX_EXPONENT + 1) * SUB_BUCKETS))
     total: int = 0
+    sum_s: float = 0.0
 
     def add(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(_BOUNDS_MS, seconds * 1000)] += 1
+        self.counts[_index(seconds * 1e6)] += 1
         self.total += 1
+        self.sum_s += seconds
 
     def percentile(self, q: float) -> float:
-        """Upper bound (ms) of the bucket holding the q-th quantile; 0 when empty."""
+        """The q-th quantile in ms (the upper edge of its bucket); 0 when empty."""
         if not self.total:
             return 0.0
         need, seen = q * self.total, 0
-        for bound, n in zip(_BOUNDS_MS, self.counts, strict=True):
+        for i, n in enumerate(self.counts):
             seen += n
-            if seen >= need:
-                return bound
-        return _BOUNDS_MS[-1]
+            if n and seen >= need:
+                return round(_upper_us(i) / 1000, 4)
+        return round(_upper_us(len(self.counts) - 1) / 1000, 4)
+
+    def cumulative(self, bounds_s: tuple[float, ...]) -> list[int]:
+        """Counts at or under each bound (whole buckets only), for a coarser exposition."""
+        out, seen, i = [], 0, 0
+        for bound in bounds_s:
+            while i < len(self.counts) and _upper_us(i) <= bound * 1e6:
+                seen += self.counts[i]
+                i += 1
+            out.append(seen)
+        return out
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "buckets_ms": {
-                ("inf" if b == float("inf") else str(b)): n
-                for b, n in zip(_BOUNDS_MS, self.counts, strict=True)
-                if n
-            },
+            "count": self.total,
+            "mean_ms": round(1000 * self.sum_s / self.total, 3) if self.total else 0.0,
             "p50_ms": self.percentile(0.5),
+            "p90_ms": self.percentile(0.9),
             "p99_ms": self.percentile(0.99),
+            "max_ms": self.percentile(1.0),
         }
 
 
@@ -57,8 +97,9 @@ class Metrics:
     bytes_fetched_stored: int = 0
     fetch_errors: int = 0
     fetched_by_class: dict[str, int] = field(default_factory=dict)
-    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
-    latency_sum: float = 0.0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # every read
+    guest_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # reads under 512 KiB
+    bulk_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # mirror and copy reads
 
     def record_read(self, length: int, hit: bool, seconds: float) -> None:
         self.reads += 1
@@ -68,7 +109,7 @@ class Metrics:
         else:
             self.read_misses += 1
         self.latency.add(seconds)
-        self.latency_sum += seconds
+        (self.bulk_latency if length >= BULK_READ_MIN else self.guest_latency).add(seconds)
 
     def record_fetch(self, cls: str, raw: int, stored: int) -> None:
         self.blocks_fetched += 1
@@ -96,6 +137,8 @@ class Metrics:
             "bytes_fetched_stored": self.bytes_fetched_stored,
             "fetch_errors": self.fetch_errors,
             "fetched_by_class": dict(self.fetched_by_class),
-            "read_latency_avg_ms": round(1000 * self.latency_sum / self.reads, 3) if self.reads else 0.0,
+            "read_latency_avg_ms": round(1000 * self.latency.sum_s / self.reads, 3) if self.reads else 0.0,
             "read_latency": self.latency.as_dict(),
+            "guest_read_latency": self.guest_latency.as_dict(),
+            "bulk_read_latency": self.bulk_latency.as_dict(),
         }

@@ -1,0 +1,71 @@
+"""Honest read metrics: log-linear latency histograms exact to 6.25 %, the guest's reads kept
+apart from bulk (mirror) reads, and the same counters as Prometheus text on ``/metrics``."""
+
+from __future__ import annotations
+
+import json
+import random
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from liverestore.agent.control import ControlServer
+from liverestore.agent.metrics import LatencyHistogram
+from liverestore.repository import Repository, RestorePoint
+from tests.conftest import AgentFactory
+from tests.helpers import MiB
+from tests.nbdclient import NbdClient
+
+
+def test_percentiles_are_exact_to_a_sixteenth_at_every_scale() -> None:
+    rnd = random.Random(3)
+    for scale in (1e-6, 1e-4, 1e-2, 1.0):  # microseconds to seconds
+        values = sorted(rnd.uniform(1, 100) * scale for _ in range(5000))
+        h = LatencyHistogram()
+        for v in values:
+            h.add(v)
+        for q in (0.5, 0.9, 0.99):
+            true_ms = values[int(q * len(values)) - 1] * 1000
+            got = h.percentile(q)
+            assert true_ms <= got <= max(true_ms * (1 + 1 / 16) + 1e-6, 0.001), (scale, q, true_ms, got)
+        assert h.percentile(1.0) >= values[-1] * 1000
+
+
+def test_guest_and_bulk_reads_are_counted_apart_and_exposed_to_prometheus(
+    repo: Repository, point: RestorePoint, start_agent: AgentFactory
+) -> None:
+    agent = start_agent(repo, point)
+    c = NbdClient("127.0.0.1", agent.port, "vm1/disk0")
+    for i in range(20):
+        c.read(MiB + i * 4096, 4096)  # a guest's small reads, where the disk holds data
+    for i in range(5):
+        c.read(8 * MiB + i * MiB, MiB)  # what a mirror or nbdcopy reads
+    c.close()
+
+    ctl = ControlServer(agent.agent)
+    port = agent.call(ctl.listen("127.0.0.1", 0))
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as r:
+            status = json.loads(r.read())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("text/plain")
+            families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    finally:
+        agent.call(ctl.close())
+
+    m = status["metrics"]
+    assert m["guest_read_latency"]["count"] == 20 and m["bulk_read_latency"]["count"] == 5
+    assert m["reads"] == 25
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    ids = (("point", point.id), ("vm", "vm1"))
+    assert samples[("liverestore_reads_total", ids)] == 25
+    assert samples[("liverestore_read_bytes_total", ids)] == 20 * 4096 + 5 * MiB
+    for kind, n in (("guest", 20), ("bulk", 5)):
+        key = tuple(sorted((*ids, ("kind", kind))))
+        assert samples[("liverestore_read_latency_seconds_count", key)] == n
+        assert samples[("liverestore_read_latency_seconds_bucket", tuple(sorted((*key, ("le", "+Inf")))))] == n
+    misses = samples[("liverestore_read_cache_misses_total", ids)]
+    assert misses == m["read_misses"] > 0
+    assert samples[("liverestore_repository_fetched_bytes_total", ids)] == m["bytes_fetched"] > 0
+    export = tuple(sorted((*ids, ("export", "vm1/disk0"))))
+    assert samples[("liverestore_cached_blocks", export)] == status["exports"]["vm1/disk0"]["cached_blocks"] > 0
