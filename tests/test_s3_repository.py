@@ -135,3 +135,28 @@ def test_instant_restore_from_s3_by_a_second_machine(s3: SeaweedFS, vm_backup: V
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
     serial = Path(doc["serial_log"]).read_text()
     assert "BOOT-OK" in serial and "ACPI-POWERDOWN" in serial
+
+
+def test_encrypted_repository_on_s3(s3: SeaweedFS, tmp_path: Path) -> None:
+    """Encryption sits above the backend: the same sealed objects in a bucket, and a second host
+    needs the passphrase, not a local key file."""
+    url = _url()
+    content = make_disk(tmp_path / "disk0.raw", 16 * MiB)
+    pw = tmp_path / "pw"
+    pw.write_text("s3 passphrase for the test")
+    a, b = tmp_path / "host-a", tmp_path / "host-b"
+    assert lr("--password-file", str(pw), "init", url, "--block-size", "64K", "--encrypt", home=a).returncode == 0
+    r = lr("--password-file", str(pw), "backup", "--repo", url, "--vm", "vm1", str(tmp_path / "disk0.raw"), home=a)
+    assert r.returncode == 0, r.stderr
+    assert "is encrypted: give its passphrase" in lr("list", "--repo", url, home=b).stderr
+    r = lr("--password-file", str(pw), "verify", "--repo", url, home=b)
+    assert r.returncode == 0, r.stdout + r.stderr
+    repo = Repository(url, "s3 passphrase for the test")
+    agent = AgentThread(repo, repo.get_point("vm1"), AgentConfig(cache_dir=b / "cache"))
+    try:
+        c = NbdClient("127.0.0.1", agent.port, "vm1/disk0")
+        assert c.read(0, 16 * MiB) == content
+        c.close()
+    finally:
+        agent.close()
+        repo.close()

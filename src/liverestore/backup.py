@@ -14,7 +14,6 @@ from liverestore.errors import LiverestoreError
 from liverestore.names import check_name
 from liverestore.repository import DiskManifest, Repository, RestorePoint
 from liverestore.repository.catalog import ConfigRecord, DiskRecord
-from liverestore.repository.chunkstore import chunk_id
 
 ProgressFn = Callable[[str, int, int], None]
 """(disk name, bytes done, bytes total) — called as blocks complete."""
@@ -44,7 +43,7 @@ class _BlockStorer:
     def store(self, data: bytes) -> tuple[str | None, int]:
         if data == self.zero[: len(data)]:
             return None, 0
-        cid = chunk_id(data)
+        cid = self.repo.chunks.id_of(data)
         if cid in self.known:  # incremental: unchanged since the previous point, skip even the stat
             return cid, 0
         return self.repo.chunks.put(data, cid)

@@ -52,9 +52,13 @@ repo_option = click.option(
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--password-file", type=click.Path(path_type=Path), default=None,
+              help="The passphrase of an encrypted repository (else LIVERESTORE_PASSWORD, or a prompt).")  # fmt: skip
 @click.version_option(package_name="liverestore")
-def cli(verbose: int) -> None:
+def cli(verbose: int, password_file: Path | None) -> None:
     """Instant VM recovery from a deduplicated backup repository."""
+    if password_file is not None:  # read where the repository is opened, by this process only
+        os.environ["LIVERESTORE_PASSWORD_FILE"] = str(password_file.resolve())
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -64,12 +68,37 @@ def cli(verbose: int) -> None:
 @cli.command()
 @click.argument("repo_path", metavar="DIR|s3://BUCKET/PREFIX")
 @click.option("--block-size", default="1M", show_default=True, help="Block size (64K .. 16M, power of two).")
-def init(repo_path: str, block_size: str) -> None:
+@click.option("--encrypt", is_flag=True,
+              help="Encrypt and authenticate everything stored (AES-256-GCM; the passphrase as for every command).")  # fmt: skip
+def init(repo_path: str, block_size: str, encrypt: bool) -> None:
     """Create an empty repository."""
     from liverestore.repository import Repository
+    from liverestore.repository.repo import passphrase_for
 
-    repo = Repository.init(repo_path, parse_size(block_size))
-    click.echo(f"created repository {repo_path} (block size {repo.block_size // 1024} KiB)")
+    passphrase = None
+    if encrypt:
+        passphrase = passphrase_for(repo_path)
+        if sys.stdin.isatty() and not os.environ.get("LIVERESTORE_PASSWORD") and \
+                not os.environ.get("LIVERESTORE_PASSWORD_FILE") and passphrase != passphrase_for(repo_path):
+            raise LiverestoreError("the two passphrases differ")
+    repo = Repository.init(repo_path, parse_size(block_size), passphrase)
+    what = "encrypted repository" if encrypt else "repository"
+    click.echo(f"created {what} {repo_path} (block size {repo.block_size // 1024} KiB)")
+
+
+@cli.command("passwd")
+@repo_option
+@click.option("--new-password-file", type=click.Path(path_type=Path), required=True,
+              help="The new passphrase (the current one as for every command).")  # fmt: skip
+def passwd(repo_path: str, new_password_file: Path) -> None:
+    """Change an encrypted repository's passphrase (its master key is rewrapped; no data is rewritten)."""
+    repo = _open_repo(repo_path)
+    try:
+        new = new_password_file.read_text().rstrip("\n")
+    except OSError as e:
+        raise LiverestoreError(f"cannot read {new_password_file}: {e.strerror}") from None
+    repo.change_passphrase(new)
+    click.echo(f"passphrase of {repo_path} changed", err=True)
 
 
 def parse_size(text: str) -> int:

@@ -31,6 +31,17 @@ def verify_repository(repo: Repository, vm: str | None = None) -> VerifyReport:
     points = repo.points(vm)
     if vm is not None and not points:
         repo.get_point(vm)  # raises the usual "has no backups" error
+    for pid in sorted(repo.backend.list("points")):  # the objects themselves, not the local catalog
+        try:
+            repo.load_point_object(pid)
+        except RepositoryError as e:
+            report.problems.append(str(e))
+    if vm is None:
+        for name in sorted(repo.backend.list("profiles")):
+            try:
+                repo.load_profile_object(name)
+            except (RepositoryError, ValueError) as e:
+                report.problems.append(f"boot profile object {name} is unreadable: {e}")
     for point in points:
         report.points += 1
         where = f"VM {point.vm} point {point.id}"

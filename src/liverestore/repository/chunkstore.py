@@ -14,6 +14,7 @@ import zstandard
 
 from liverestore.errors import IntegrityError, RepositoryError
 from liverestore.repository.backend import Backend, Handle, ObjectMissing
+from liverestore.repository.crypto import MasterKey
 
 _ZSTD_LEVEL = 3
 
@@ -24,10 +25,12 @@ def chunk_id(data: bytes | memoryview) -> str:
 
 
 class ChunkStore:
-    """zstd-compressed chunks in a backend, one object per chunk named by its id."""
+    """zstd-compressed chunks in a backend, one object per chunk named by its id; in an encrypted
+    repository each is sealed after compression and named by the keyed hash."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, key: MasterKey | None = None) -> None:
         self.backend = backend
+        self.key = key
         # zstd contexts are not thread-safe; the agent decompresses in worker threads.
         self._local = threading.local()
 
@@ -49,13 +52,19 @@ class ChunkStore:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
+    def id_of(self, data: bytes | memoryview) -> str:
+        """The name ``data`` is stored under in this repository."""
+        return self.key.object_id(data) if self.key else chunk_id(data)
+
     def put(self, data: bytes, cid: str | None = None) -> tuple[str, int]:
         """Store ``data`` unless present; return (chunk id, bytes newly written)."""
-        cid = cid or chunk_id(data)
+        cid = cid or self.id_of(data)
         h = self.handle(cid)
         if self.backend.stat(h) is not None:
             return cid, 0
         blob = self._compressor().compress(data)
+        if self.key:
+            blob = self.key.seal(blob, f"chunk {cid}")
         self.backend.save(h, blob)
         return cid, len(blob)
 
@@ -75,13 +84,16 @@ class ChunkStore:
             blob = self.backend.load(self.handle(cid))
         except ObjectMissing:
             raise IntegrityError(f"chunk {cid} is missing from the repository") from None
+        stored = len(blob)
+        if self.key:
+            blob = self.key.open(blob, f"chunk {cid}")
         try:
             data = self._decompressor().decompress(blob, max_output_size=expected_size)
         except zstandard.ZstdError as e:
             raise IntegrityError(f"chunk {cid} is corrupt (cannot decompress: {e})") from None
-        if len(data) != expected_size or chunk_id(data) != cid:
+        if len(data) != expected_size or self.id_of(data) != cid:
             raise IntegrityError(f"chunk {cid} is corrupt (content does not match its hash)")
-        return data, len(blob)
+        return data, stored
 
     def iter_ids(self) -> list[str]:
         return list(self.backend.list("chunks"))

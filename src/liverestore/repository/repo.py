@@ -9,9 +9,11 @@ is a local cache of those objects for fast listing, rebuilt from the backend whe
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,15 +21,37 @@ from typing import Any
 
 import blake3
 
-from liverestore.errors import RepositoryError
+from liverestore.errors import IntegrityError, RepositoryError
 from liverestore.repository.backend import Backend, Handle, LocalBackend, ObjectMissing, open_backend
 from liverestore.repository.catalog import Catalog, ConfigRecord, DiskRecord, PointRecord
 from liverestore.repository.chunkstore import ChunkStore
+from liverestore.repository.crypto import MasterKey
 from liverestore.repository.manifest import DEFAULT_BLOCK_SIZE, DiskManifest, check_block_size
 
 FORMAT_NAME = "liverestore-repository"
 FORMAT_VERSION = 1
 CONFIG = Handle("config", "repository.json")
+KEY = Handle("config", "key.json")  # the wrapped master key of an encrypted repository
+
+
+def passphrase_for(where: str) -> str:
+    """An encrypted repository's passphrase: ``LIVERESTORE_PASSWORD``, the file named by
+    ``LIVERESTORE_PASSWORD_FILE`` (``--password-file``), or a prompt on a terminal."""
+    if os.environ.get("LIVERESTORE_PASSWORD"):
+        return os.environ["LIVERESTORE_PASSWORD"]
+    path = os.environ.get("LIVERESTORE_PASSWORD_FILE")
+    if path:
+        try:
+            text = Path(path).read_text().rstrip("\n")
+        except OSError as e:
+            raise RepositoryError(f"cannot read the password file {path}: {e.strerror}") from None
+        if not text:
+            raise RepositoryError(f"the password file {path} is empty")
+        return text
+    if sys.stdin.isatty():
+        return getpass.getpass(f"passphrase for {where}: ")
+    raise RepositoryError(f"repository {where} is encrypted: give its passphrase (--password-file FILE, "
+                          "LIVERESTORE_PASSWORD_FILE or LIVERESTORE_PASSWORD)")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -45,9 +69,10 @@ class RestorePoint:
         return self.record.vm
 
 
-def _catalog_path(backend: Backend) -> Path:
-    """Local repositories keep their catalog beside the data; remote ones in the user's data dir."""
-    if isinstance(backend, LocalBackend):
+def _catalog_path(backend: Backend, encrypted: bool = False) -> Path:
+    """Local repositories keep their catalog beside the data; remote and encrypted ones (whose
+    catalog would list VM names in the clear) in the user's data dir."""
+    if isinstance(backend, LocalBackend) and not encrypted:
         return backend.root / "catalog.sqlite"
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     digest = hashlib.sha256(backend.location.encode()).hexdigest()[:16]
@@ -68,7 +93,7 @@ def _point_from_doc(blob: bytes) -> PointRecord:
 
 
 class Repository:
-    def __init__(self, location: str | Path) -> None:
+    def __init__(self, location: str | Path, passphrase: str | None = None) -> None:
         self.backend = open_backend(str(location))
         self.location = self.backend.location
         if isinstance(self.backend, LocalBackend) and not self.backend.root.is_dir():
@@ -82,8 +107,15 @@ class Repository:
         if cfg.get("format") != FORMAT_NAME or cfg.get("version") != FORMAT_VERSION:
             raise RepositoryError(f"{location} is not a liverestore repository of version {FORMAT_VERSION}")
         self.block_size = int(cfg["block_size"])
-        self.chunks = ChunkStore(self.backend)
-        self.catalog = Catalog(_catalog_path(self.backend))
+        self.key: MasterKey | None = None
+        if cfg.get("encrypted"):
+            try:
+                key_doc = self.backend.load(KEY)
+            except ObjectMissing:
+                raise RepositoryError(f"{location} is encrypted but its key.json is missing") from None
+            self.key = MasterKey.unwrap(key_doc, passphrase or passphrase_for(self.location), self.location)
+        self.chunks = ChunkStore(self.backend, self.key)
+        self.catalog = Catalog(_catalog_path(self.backend, self.key is not None))
         self.sync_catalog()
 
     @property
@@ -98,7 +130,10 @@ class Repository:
         return self.root / "manifests"
 
     @classmethod
-    def init(cls, location: str | Path, block_size: int = DEFAULT_BLOCK_SIZE) -> Repository:
+    def init(cls, location: str | Path, block_size: int = DEFAULT_BLOCK_SIZE,
+             passphrase: str | None = None) -> Repository:  # fmt: skip
+        """A new repository; with ``passphrase`` an encrypted one (its key.json is written first,
+        so a repository.json that says encrypted always has its key)."""
         try:
             check_block_size(block_size)
         except ValueError as e:
@@ -115,10 +150,43 @@ class Repository:
                 backend.create_layout()
             except OSError as e:
                 raise RepositoryError(f"cannot create repository at {root}: {e.strerror}") from None
-        doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "block_size": block_size}
+        doc: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "block_size": block_size}
+        if passphrase is not None:
+            if not passphrase:
+                raise RepositoryError("an empty passphrase protects nothing")
+            key = MasterKey.generate()
+            if not backend.create_if_absent(KEY, key.wrap(passphrase)):
+                raise RepositoryError(f"{backend.location} already holds a repository key")
+            doc["encrypted"] = True
         if not backend.create_if_absent(CONFIG, json.dumps(doc, indent=2).encode()):
             raise RepositoryError(f"{backend.location} already holds a repository")
-        return cls(location)
+        return cls(location, passphrase)
+
+    def change_passphrase(self, new: str) -> None:
+        """Rewrap the master key under ``new``: one small object rewritten, no data touched."""
+        if self.key is None:
+            raise RepositoryError(f"{self.location} is not encrypted")
+        if not new:
+            raise RepositoryError("an empty passphrase protects nothing")
+        self.backend.save(KEY, self.key.wrap(new))
+
+    # -- sealing: identity for a plain repository --------------------------------------------------
+    def _seal(self, data: bytes, name: str) -> bytes:
+        return self.key.seal(data, name) if self.key else data
+
+    def _open(self, blob: bytes, name: str) -> bytes:
+        return self.key.open(blob, name) if self.key else blob
+
+    def _profile_handle(self, vm: str) -> Handle:
+        """Profiles are named by VM; an encrypted repository names them by keyed hash instead."""
+        return Handle("profiles", self.key.object_id(vm.encode())[:32] if self.key else vm)
+
+    def load_point_object(self, pid: str) -> PointRecord:
+        """A restore point's object, opened and parsed; a clear error when damaged."""
+        try:
+            return _point_from_doc(self._open(self.backend.load(Handle("points", pid)), f"restore point {pid}"))
+        except (ObjectMissing, IntegrityError, ValueError, KeyError, TypeError) as e:
+            raise RepositoryError(f"restore point object {pid} is unreadable: {e}") from None
 
     @classmethod
     def open(cls, location: str | Path) -> Repository:
@@ -134,24 +202,20 @@ class Repository:
         cached = {p.id: p for p in self.catalog.points()}
         if not stored and cached:
             for rec in cached.values():
-                self.backend.create_if_absent(Handle("points", rec.id), _point_doc(rec))
+                self.backend.create_if_absent(Handle("points", rec.id), self._seal(_point_doc(rec), f"restore point {rec.id}"))
             return
         for pid in stored - set(cached):
-            try:
-                rec = _point_from_doc(self.backend.load(Handle("points", pid)))
-            except (ObjectMissing, ValueError, KeyError, TypeError) as e:
-                raise RepositoryError(f"restore point object {pid} is unreadable: {e}") from None
-            self.catalog.add_record(rec)
+            self.catalog.add_record(self.load_point_object(pid))
         for pid in set(cached) - stored:
             self.catalog.remove_point(pid)
 
     # -- manifests -----------------------------------------------------------------------------
     def store_manifest(self, manifest: DiskManifest) -> DiskRecord:
         blob = manifest.to_bytes()
-        mid = str(blake3.blake3(blob).hexdigest())
+        mid = self.key.object_id(blob) if self.key else str(blake3.blake3(blob).hexdigest())
         h = Handle("manifests", mid)
         if self.backend.stat(h) is None:
-            self.backend.save(h, blob)
+            self.backend.save(h, self._seal(blob, f"manifest {mid}"))
         return DiskRecord(
             name=manifest.name,
             manifest_id=mid,
@@ -163,10 +227,13 @@ class Repository:
     def load_manifest(self, disk: DiskRecord) -> DiskManifest:
         label = f"{disk.manifest_id[:16]} (disk {disk.name})"
         try:
-            blob = self.backend.load(Handle("manifests", disk.manifest_id))
+            blob = self._open(self.backend.load(Handle("manifests", disk.manifest_id)), f"manifest {disk.manifest_id}")
         except ObjectMissing:
             raise RepositoryError(f"manifest {label} is missing") from None
-        if len(blob) != disk.manifest_size or blake3.blake3(blob).hexdigest() != disk.manifest_id:
+        except IntegrityError as e:
+            raise RepositoryError(f"manifest {label}: {e}") from None
+        digest = self.key.object_id(blob) if self.key else blake3.blake3(blob).hexdigest()
+        if len(blob) != disk.manifest_size or digest != disk.manifest_id:
             raise RepositoryError(f"manifest {label} is corrupt (does not match its hash)")
         return DiskManifest.from_bytes(blob, label)
 
@@ -179,7 +246,7 @@ class Repository:
         seed = f"{vm}\0{time.time_ns()}\0{os.getpid()}\0" + "\0".join(d.manifest_id for d in disks)
         point_id = str(blake3.blake3(seed.encode()).hexdigest())[:12]
         rec = PointRecord(point_id, vm, time.time(), bytes_new, tuple(disks), tuple(configs))
-        if not self.backend.create_if_absent(Handle("points", point_id), _point_doc(rec)):
+        if not self.backend.create_if_absent(Handle("points", point_id), self._seal(_point_doc(rec), f"restore point {point_id}")):
             raise RepositoryError(f"restore point id {point_id} collided; run the backup again")
         self.catalog.add_record(rec)
         return self.get_point(vm, point_id)
@@ -207,16 +274,22 @@ class Repository:
     # -- boot profiles -------------------------------------------------------------------------
     def get_profile(self, vm: str) -> dict[str, Any] | None:
         try:
-            return dict(json.loads(self.backend.load(Handle("profiles", vm))))
+            return self.load_profile_object(self._profile_handle(vm).name)
         except ObjectMissing:
             return self.catalog.get_profile(vm)  # a repository from before profiles were objects
-        except ValueError:
+        except (ValueError, IntegrityError):
             return None  # a damaged profile is only a slower boot: start learning again
 
+    def load_profile_object(self, name: str) -> dict[str, Any]:
+        h = Handle("profiles", name)
+        return dict(json.loads(self._open(self.backend.load(h), f"profile {name}")))
+
     def put_profile(self, vm: str, data: dict[str, Any]) -> None:
-        self.backend.save(Handle("profiles", vm), json.dumps(data).encode())
+        h = self._profile_handle(vm)
+        self.backend.save(h, self._seal(json.dumps(data).encode(), f"profile {h.name}"))
 
     def delete_profile(self, vm: str) -> bool:
-        existed = self.backend.stat(Handle("profiles", vm)) is not None
-        self.backend.remove(Handle("profiles", vm))
+        h = self._profile_handle(vm)
+        existed = self.backend.stat(h) is not None
+        self.backend.remove(h)
         return self.catalog.delete_profile(vm) or existed
