@@ -14,6 +14,7 @@ from liverestore.errors import LiverestoreError
 from liverestore.names import check_name
 from liverestore.repository import DiskManifest, Repository, RestorePoint
 from liverestore.repository.catalog import ConfigRecord, DiskRecord
+from liverestore.repository.leases import BACKUP, Lease
 
 ProgressFn = Callable[[str, int, int], None]
 """(disk name, bytes done, bytes total) — called as blocks complete."""
@@ -141,20 +142,21 @@ def run_backup(
         if not c.is_file():
             raise LiverestoreError(f"config file {c} does not exist")
 
-    prev_manifests: dict[str, DiskManifest] = {}
-    if repo.catalog.points(vm):
-        prev = repo.get_point(vm)
-        for rec in prev.record.disks:
-            prev_manifests[rec.name] = repo.load_manifest(rec)
+    with Lease(repo, BACKUP):  # its chunks are unreferenced until the commit: no prune meanwhile
+        prev_manifests: dict[str, DiskManifest] = {}
+        if repo.catalog.points(vm):
+            prev = repo.get_point(vm)
+            for rec in prev.record.disks:
+                prev_manifests[rec.name] = repo.load_manifest(rec)
 
-    stats = BackupStats()
-    records: list[DiskRecord] = []
-    for path, name in zip(disks, names, strict=True):
-        manifest = backup_disk(repo, path, name, prev_manifests.get(name), stats, progress, disk_format)
-        records.append(repo.store_manifest(manifest))
+        stats = BackupStats()
+        records: list[DiskRecord] = []
+        for path, name in zip(disks, names, strict=True):
+            manifest = backup_disk(repo, path, name, prev_manifests.get(name), stats, progress, disk_format)
+            records.append(repo.store_manifest(manifest))
 
-    blobs = [(c.name, c.read_bytes()) for c in configs] + sorted((extra_configs or {}).items())
-    return commit_backup(repo, vm, records, blobs, stats), stats
+        blobs = [(c.name, c.read_bytes()) for c in configs] + sorted((extra_configs or {}).items())
+        return commit_backup(repo, vm, records, blobs, stats), stats
 
 
 def commit_backup(

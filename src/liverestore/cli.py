@@ -364,6 +364,46 @@ def verify(repo_path: str, vm: str | None) -> None:
     click.echo(f"ok: {summary}")
 
 
+@cli.command()
+@repo_option
+@click.option("--vm", required=True, help="The VM whose restore points to thin out.")
+@click.option("--keep-last", type=int, default=0, help="Keep the newest N points.")
+@click.option("--keep-daily", type=int, default=0, help="Keep the newest point of each of the last N days.")
+@click.option("--keep-weekly", type=int, default=0, help="Keep the newest point of each of the last N weeks.")
+@click.option("--apply", is_flag=True, help="Forget them (default: only show what would go).")
+def forget(repo_path: str, vm: str, keep_last: int, keep_daily: int, keep_weekly: int, apply: bool) -> None:
+    """Forget restore points a retention policy does not keep (then 'prune' frees their data)."""
+    from liverestore.retention import forget as run_forget
+
+    plan = run_forget(_open_repo(repo_path), vm, keep_last, keep_daily, keep_weekly, apply)
+    for p, why in plan.keep:
+        click.echo(f"keep    {p.id}  {_when(p.record.created)}  ({why})")
+    for p in plan.forget:
+        click.echo(f"{'forgot' if apply else 'forget'}  {p.id}  {_when(p.record.created)}")
+    if plan.forget and not apply:
+        click.echo(f"dry run: {len(plan.forget)} point(s) would be forgotten; add --apply", err=True)
+
+
+def _when(ts: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@cli.command()
+@repo_option
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+def prune(repo_path: str, dry_run: bool) -> None:
+    """Delete the manifests and chunks no restore point (and no serving agent) references."""
+    from liverestore.retention import prune as run_prune
+
+    r = run_prune(_open_repo(repo_path), apply=not dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {r.chunks_deleted} chunk(s) ({r.bytes_deleted / 2**20:.1f} MiB) and {r.manifests_deleted} "
+               f"manifest(s); kept {r.chunks_kept} chunk(s) and {r.manifests_kept} manifest(s) of {r.points} point(s)"
+               + (f", {r.held_by_leases} manifest(s) only for serving agents" if r.held_by_leases else ""))  # fmt: skip
+
+
 @cli.group()
 def cache() -> None:
     """List or prune read-caches (one per VM and restore point)."""

@@ -22,6 +22,8 @@ from liverestore.agent.scheduler import FetchClass, FetchScheduler, Mode
 from liverestore.agent.source import RetryingSource, repository_source
 from liverestore.errors import LiverestoreError
 from liverestore.repository import Repository, RestorePoint
+from liverestore.repository.backend import Handle
+from liverestore.repository.leases import SERVE, Lease
 
 log = logging.getLogger("liverestore.agent")
 
@@ -61,6 +63,20 @@ def lock_cache_dir(path: Path) -> int:
     return fd
 
 
+def serve_lease(repo: Repository, point: RestorePoint) -> Lease:
+    """While an agent serves a point, it cannot be forgotten and its data survives a prune. The
+    point must still exist once the lease is visible: a prune that began earlier kept it."""
+    lease = Lease(repo, SERVE, points=[point.id],
+                  manifests=[f"{d.manifest_id}:{d.manifest_size}" for d in point.record.disks]).take()  # fmt: skip
+    try:
+        if repo.backend.stat(Handle("points", point.id)) is None:
+            raise LiverestoreError(f"restore point {point.id} of {point.vm} was forgotten meanwhile")
+    except BaseException:
+        lease.release()
+        raise
+    return lease
+
+
 class MediaAgent:
     def __init__(
         self, repo: Repository, point: RestorePoint, config: AgentConfig, disks: set[str] | None = None
@@ -78,7 +94,12 @@ class MediaAgent:
         self.retrying = RetryingSource(source, deadline_s=config.repo_retry_s)
         source = self.source = self.retrying
         self.cache_dir = config.cache_dir / f"{point.vm}-{point.id}"
-        self._lock_fd: int | None = lock_cache_dir(self.cache_dir)
+        self.lease = serve_lease(repo, point)
+        try:
+            self._lock_fd: int | None = lock_cache_dir(self.cache_dir)
+        except BaseException:
+            self.lease.release()
+            raise
         self.exports: dict[str, DiskExport] = {}
         try:
             self._open_exports(disks)
@@ -86,6 +107,7 @@ class MediaAgent:
             for e in self.exports.values():
                 e.close()
             os.close(self._lock_fd)
+            self.lease.release()
             raise
         self.server = NbdServer(self.exports, config.tls)
         self._persist_task: asyncio.Task[None] | None = None
@@ -215,3 +237,4 @@ class MediaAgent:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the cache directory's lock
             self._lock_fd = None
+            await asyncio.to_thread(self.lease.release)

@@ -36,6 +36,7 @@ from liverestore.livebackup.extents import dirty_context, map_blocks, read_block
 from liverestore.nbdclient import NbdClientError, NbdReader
 from liverestore.repository import DiskManifest, Repository, RestorePoint
 from liverestore.repository.catalog import DiskRecord
+from liverestore.repository.leases import BACKUP, Lease
 
 BACKUP_INFO_NAME = "liverestore-backup.json"  # in every live point: how it was made, its checkpoint
 
@@ -160,7 +161,7 @@ def run_live_backup(repo: Repository, uri: str, domain: str, *, vm: str | None =
     conn = open_connection(uri)
     try:
         dom = find_domain(conn, uri, domain)
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), Lease(repo, BACKUP):
             return _backup_domain(repo, dom, domain, vm, quiesce, full, progress, warn)
     finally:
         conn.close()

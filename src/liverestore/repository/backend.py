@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from liverestore.errors import RepositoryError, RepositoryUnavailable
 
-KINDS = ("config", "chunks", "manifests", "points", "profiles")
+KINDS = ("config", "chunks", "manifests", "points", "profiles", "locks")
 
 
 @dataclass(frozen=True)

@@ -171,10 +171,10 @@ class Repository:
         self.backend.save(KEY, self.key.wrap(new))
 
     # -- sealing: identity for a plain repository --------------------------------------------------
-    def _seal(self, data: bytes, name: str) -> bytes:
+    def seal_object(self, data: bytes, name: str) -> bytes:
         return self.key.seal(data, name) if self.key else data
 
-    def _open(self, blob: bytes, name: str) -> bytes:
+    def open_object(self, blob: bytes, name: str) -> bytes:
         return self.key.open(blob, name) if self.key else blob
 
     def _profile_handle(self, vm: str) -> Handle:
@@ -184,7 +184,7 @@ class Repository:
     def load_point_object(self, pid: str) -> PointRecord:
         """A restore point's object, opened and parsed; a clear error when damaged."""
         try:
-            return _point_from_doc(self._open(self.backend.load(Handle("points", pid)), f"restore point {pid}"))
+            return _point_from_doc(self.open_object(self.backend.load(Handle("points", pid)), f"restore point {pid}"))
         except (ObjectMissing, IntegrityError, ValueError, KeyError, TypeError) as e:
             raise RepositoryError(f"restore point object {pid} is unreadable: {e}") from None
 
@@ -202,7 +202,7 @@ class Repository:
         cached = {p.id: p for p in self.catalog.points()}
         if not stored and cached:
             for rec in cached.values():
-                self.backend.create_if_absent(Handle("points", rec.id), self._seal(_point_doc(rec), f"restore point {rec.id}"))
+                self.backend.create_if_absent(Handle("points", rec.id), self.seal_object(_point_doc(rec), f"restore point {rec.id}"))
             return
         for pid in stored - set(cached):
             self.catalog.add_record(self.load_point_object(pid))
@@ -215,7 +215,7 @@ class Repository:
         mid = self.key.object_id(blob) if self.key else str(blake3.blake3(blob).hexdigest())
         h = Handle("manifests", mid)
         if self.backend.stat(h) is None:
-            self.backend.save(h, self._seal(blob, f"manifest {mid}"))
+            self.backend.save(h, self.seal_object(blob, f"manifest {mid}"))
         return DiskRecord(
             name=manifest.name,
             manifest_id=mid,
@@ -227,7 +227,7 @@ class Repository:
     def load_manifest(self, disk: DiskRecord) -> DiskManifest:
         label = f"{disk.manifest_id[:16]} (disk {disk.name})"
         try:
-            blob = self._open(self.backend.load(Handle("manifests", disk.manifest_id)), f"manifest {disk.manifest_id}")
+            blob = self.open_object(self.backend.load(Handle("manifests", disk.manifest_id)), f"manifest {disk.manifest_id}")
         except ObjectMissing:
             raise RepositoryError(f"manifest {label} is missing") from None
         except IntegrityError as e:
@@ -246,7 +246,7 @@ class Repository:
         seed = f"{vm}\0{time.time_ns()}\0{os.getpid()}\0" + "\0".join(d.manifest_id for d in disks)
         point_id = str(blake3.blake3(seed.encode()).hexdigest())[:12]
         rec = PointRecord(point_id, vm, time.time(), bytes_new, tuple(disks), tuple(configs))
-        if not self.backend.create_if_absent(Handle("points", point_id), self._seal(_point_doc(rec), f"restore point {point_id}")):
+        if not self.backend.create_if_absent(Handle("points", point_id), self.seal_object(_point_doc(rec), f"restore point {point_id}")):
             raise RepositoryError(f"restore point id {point_id} collided; run the backup again")
         self.catalog.add_record(rec)
         return self.get_point(vm, point_id)
@@ -282,11 +282,11 @@ class Repository:
 
     def load_profile_object(self, name: str) -> dict[str, Any]:
         h = Handle("profiles", name)
-        return dict(json.loads(self._open(self.backend.load(h), f"profile {name}")))
+        return dict(json.loads(self.open_object(self.backend.load(h), f"profile {name}")))
 
     def put_profile(self, vm: str, data: dict[str, Any]) -> None:
         h = self._profile_handle(vm)
-        self.backend.save(h, self._seal(json.dumps(data).encode(), f"profile {h.name}"))
+        self.backend.save(h, self.seal_object(json.dumps(data).encode(), f"profile {h.name}"))
 
     def delete_profile(self, vm: str) -> bool:
         h = self._profile_handle(vm)
