@@ -52,13 +52,7 @@ def test_every_command_works_on_s3_and_a_second_machine_sees_the_same(
 
     # host b serves the point over NBD from its own fresh cache: byte for byte the disk
     repo = Repository.open(url)
-    agent = AgentThread(repo, repo.get_point("vm1"), AgentConfig(cache_dir=b / "cache"))
-    try:
-        c = NbdClient("127.0.0.1", agent.port, "vm1/disk0")
-        assert c.read(0, 16 * MiB) == content
-        c.close()
-    finally:
-        agent.close()
+    _served_equals(repo, b / "cache", content)
 
     # a second backup from another process at the same time: both points commit
     make_disk(tmp_path / "disk1.raw", 8 * MiB, seed=5)
@@ -152,11 +146,36 @@ def test_encrypted_repository_on_s3(s3: SeaweedFS, tmp_path: Path) -> None:
     r = lr("--password-file", str(pw), "verify", "--repo", url, home=b)
     assert r.returncode == 0, r.stdout + r.stderr
     repo = Repository(url, "s3 passphrase for the test")
-    agent = AgentThread(repo, repo.get_point("vm1"), AgentConfig(cache_dir=b / "cache"))
+    _served_equals(repo, b / "cache", content)
+    repo.close()
+
+
+def _served_equals(repo: Repository, cache: Path, content: bytes) -> None:
+    """The latest point of vm1, served over NBD from a fresh cache, is ``content`` byte for byte."""
+    agent = AgentThread(repo, repo.get_point("vm1"), AgentConfig(cache_dir=cache))
     try:
         c = NbdClient("127.0.0.1", agent.port, "vm1/disk0")
-        assert c.read(0, 16 * MiB) == content
+        assert c.read(0, len(content)) == content
         c.close()
     finally:
         agent.close()
+
+
+def test_forget_and_prune_on_s3(s3: SeaweedFS, tmp_path: Path) -> None:
+    url = _url()
+    home = tmp_path / "host"
+    assert lr("init", url, "--block-size", "64K", home=home).returncode == 0
+    for seed in (1, 2, 3):
+        content = make_disk(tmp_path / "disk0.raw", 8 * MiB, seed=seed)
+        assert lr("backup", "--repo", url, "--vm", "vm1", str(tmp_path / "disk0.raw"), home=home).returncode == 0
+    r = lr("forget", "--repo", url, "--vm", "vm1", "--keep-last", "1", "--apply", home=home)
+    assert r.returncode == 0 and r.stdout.count("forgot") == 2, r.stdout + r.stderr
+    r = lr("prune", "--repo", url, home=home)
+    assert r.returncode == 0 and "deleted 0 chunk" not in r.stdout, r.stdout + r.stderr
+    assert "deleted 0 chunk" in lr("prune", "--repo", url, home=home).stdout  # nothing left to free
+    assert lr("verify", "--repo", url, home=home).returncode == 0
+    repo = Repository.open(url)
+    try:
+        _served_equals(repo, home / "cache", content)
+    finally:
         repo.close()
