@@ -189,8 +189,10 @@ def _backup_domain(repo: Repository, dom: Any, domain: str, vm: str | None, quie
             raise LiverestoreError(f"domain {domain} has no disks to back up")
         configs = {DOMAIN_CONFIG_NAME: inactive_xml.encode()}
         if spec.nvram:
-            with open(spec.nvram, "rb") as f:
-                configs[NVRAM_CONFIG_NAME] = f.read()
+            try:
+                configs[NVRAM_CONFIG_NAME] = Path(spec.nvram).read_bytes()
+            except OSError as e:
+                raise LiverestoreError(f"cannot read the NVRAM of {domain} ({spec.nvram}): {e.strerror}") from None
         base = _previous(repo, vm, dom, uuid)
         reasons = {d.target: _why_full(d, base, None, repo.block_size, full) for d in disks}
         inc = {t for t, why in reasons.items() if not why}
@@ -206,13 +208,13 @@ def _backup_domain(repo: Repository, dom: Any, domain: str, vm: str | None, quie
             point, summary = _read_and_commit(repo, dom, vm, jobdir, disks, base, inc, reasons, configs,
                                               checkpoint, uuid, begun.quiesced, progress, warn)  # fmt: skip
         except BaseException:
-            lj.end_job(dom)
+            lj.end_job(dom, jobdir)
             why = lj.delete_checkpoint(dom, checkpoint)
             if why:
                 warn(f"checkpoint {checkpoint} of the failed backup stays until the next backup: {why}")
             raise
         finally:
-            lj.end_job(dom)
+            lj.end_job(dom, jobdir)
             shutil.rmtree(jobdir, ignore_errors=True)
         for failure in lj.sweep_checkpoints(dom, tag, keep=checkpoint):
             warn(f"could not delete an older checkpoint ({failure})")
@@ -306,7 +308,7 @@ def _read_and_commit(repo: Repository, dom: Any, vm: str, jobdir: Path, disks: l
         summaries.append(DiskSummary(d.target, mode, reader.size, reader.bytes_read, reasons[d.target]))
         if mode == "full" and base.manifests and reasons[d.target]:
             warn(f"{d.target}: read in full: {reasons[d.target]}")
-    lj.end_job(dom)  # the frozen view is no longer needed: free the scratch before committing
+    lj.end_job(dom, jobdir)  # the frozen view is no longer needed: free the scratch before committing
     facts = lj.checkpoint_facts(dom, checkpoint)
     if facts is None:
         raise LiverestoreError(f"checkpoint {checkpoint} vanished during the backup; no restore point committed")

@@ -159,11 +159,13 @@ def active_job_socket(dom: Any) -> str | None:
     return server.get("socket", "") if server is not None else ""
 
 
-def end_job(dom: Any) -> None:
-    """End the pull-mode job (its NBD export and scratch go away); quiet when none is running."""
+def end_job(dom: Any, jobdir: Path) -> None:
+    """End our pull-mode job (its NBD export and scratch go away); quiet when none is running,
+    and never touching a job whose socket is not in ``jobdir`` (somebody else's)."""
     lv = libvirt_module()
     with contextlib.suppress(lv.libvirtError):
-        if dom.isActive() and active_job_socket(dom) is not None:
+        sock = active_job_socket(dom) if dom.isActive() else None
+        if sock and sock.startswith(str(jobdir) + "/"):
             dom.abortJob()
 
 
