@@ -93,8 +93,10 @@ def live(vm_backup: VmBackup, libvirtd: str) -> Iterator[LiveDomain]:
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(base / "sda.raw"), str(sda)], check=True)
     (base / "sda.raw").unlink()
     make_disk(sdb, 16 * MiB, seed=4)
+    (base / "seed.iso").write_bytes(os.urandom(2 * MiB))  # stands in for a cloud-init or installer ISO
     log = base / "serial.log"
-    (base / "domain.xml").write_text(make_domain_xml(name, vda, sda, more_disks=[sdb], serial_log=log))
+    (base / "domain.xml").write_text(make_domain_xml(name, vda, sda, more_disks=[sdb], serial_log=log,
+                                                     cdrom=base / "seed.iso"))  # fmt: skip
     virsh("define", str(base / "domain.xml"))
     try:
         virsh("start", name)
@@ -121,6 +123,8 @@ def test_live_incremental_points_hold_their_moment_and_restore(live: LiveDomain,
 
     first, second, third = (t[0] for t in taken)
     assert first["mode"] == "full" and first["base_checkpoint"] is None
+    # the CD-ROM is left out of the backup job (read-only media) and copied as a file instead
+    assert {d["name"]: d["mode"] for d in first["disks"]}["hdc"] == "copied"
     assert first["bytes_read"] >= 200 * MiB  # the data disk and the boot disk's files, read whole
     for prev, (doc, err, _, _) in zip([first, second], taken[1:], strict=True):
         assert doc["base_checkpoint"] == prev["checkpoint"], doc
@@ -154,14 +158,17 @@ def test_live_incremental_points_hold_their_moment_and_restore(live: LiveDomain,
     assert live.manifests(inc_doc["point_id"]) == live.manifests(full_doc["point_id"])
 
     # every point, instant-restored, boots, passes the guest's file check, and holds the marks
-    # written before its backup and none after; its last heartbeat falls within the backup
+    # written before its backup and none after; its last heartbeat falls within the backup. The
+    # first one runs in plain QEMU (which must not try to relocate the copied CD-ROM), the others
+    # under libvirt.
     for k, (doc, _, before, after) in enumerate(taken):
         new = f"{live.name}-p{k}"
         domains.append(new)
         r = lr("restore", "--repo", str(live.repo), "--vm", live.name, "--point", doc["point_id"], "--name", new,
                "--dest", str(vmdir / f"p{k}"), "--cache-dir", str(vmdir / "cache"), "--boot-marker", "BOOT-OK",
-               "--stop-after", "--json")  # fmt: skip
+               "--stop-after", "--json", "--hypervisor", "qemu" if k == 0 else "libvirt")  # fmt: skip
         assert r.returncode == 0, r.stderr
+        assert (vmdir / f"p{k}" / f"{new}-hdc.iso").read_bytes() == (live.base / "seed.iso").read_bytes()
         serial = Path(json.loads(r.stdout)["serial_log"]).read_text(errors="replace")
         assert "BOOT-OK" in serial and "BOOT-FAIL" not in serial
         assert serial.split("MARKS ", 1)[1].splitlines()[0].split() == ["m1", "m2", "m3"][: k + 1]
@@ -178,7 +185,8 @@ def test_lost_checkpoint_or_bitmap_means_a_full_read_never_a_wrong_point(live: L
     r = live.backup("--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert {d["name"]: d["mode"] for d in doc["disks"]} == {"vda": "full", "sda": "full", "sdb": "full"}
+    assert {d["name"]: d["mode"] for d in doc["disks"]} == {"vda": "full", "sda": "full", "sdb": "full",
+                                                            "hdc": "copied"}  # fmt: skip
     assert "is gone (domain redefined?)" in r.stderr
 
     # bitmap lost under a checkpoint libvirt still lists: libvirt refuses the incremental job and
@@ -194,7 +202,7 @@ def test_lost_checkpoint_or_bitmap_means_a_full_read_never_a_wrong_point(live: L
     assert r.returncode == 0, r.stderr
     assert "incrementally from" in r.stderr and "reading every disk in full" in r.stderr
     doc = json.loads(r.stdout)
-    assert {d["mode"] for d in doc["disks"]} == {"full"}
+    assert {d["mode"] for d in doc["disks"]} == {"full", "copied"}
     assert live.checkpoints() == [doc["checkpoint"]], r.stderr  # the broken one is gone too
     # and the chain heals: the next backup is incremental again
     r = live.backup("--json")
@@ -233,7 +241,7 @@ def test_killed_backup_commits_nothing_and_the_next_one_works(live: LiveDomain) 
     doc = json.loads(r.stdout)
     assert doc["mode"] == "full"  # the raw disk makes any point "full"; the qcow2 disks are not
     assert {d["name"]: d["mode"] for d in doc["disks"]} == {"vda": "incremental", "sda": "incremental",
-                                                            "sdb": "full"}  # fmt: skip
+                                                            "sdb": "full", "hdc": "copied"}  # fmt: skip
     assert live.point_ids() == [*points, doc["point_id"]]
     assert live.checkpoints() == [doc["checkpoint"]] and not live.has_backup_job(), r.stderr
     v = lr("verify", "--repo", str(live.repo))

@@ -267,6 +267,10 @@ class QemuVM:
                                      f" ({self._stderr_tail()})")  # fmt: skip
 
     # -- relocation ----------------------------------------------------------------------------
+    def _from_backup(self) -> list[DiskAttachment]:
+        """The disks read from the agent: what relocation moves (CD-ROMs were copied before launch)."""
+        return [d for d in self.disks if d.local_path is None]
+
     def _staging(self, name: str) -> Path:
         """Mirrors write to ``<final>.partial``: a file with a final name is always complete."""
         final = self.destinations[name]
@@ -274,7 +278,7 @@ class QemuVM:
 
     async def start_relocation(self, destinations: dict[str, Path], fmt: str = "raw") -> None:
         self.destinations, self.dest_format = dict(destinations), fmt
-        for d in self.disks:
+        for d in self._from_backup():
             dest = self._staging(d.name)
             r = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(dest), str(d.size)],
                                capture_output=True, text=True, check=False)  # fmt: skip
@@ -287,7 +291,7 @@ class QemuVM:
                 "driver": fmt, "node-name": f"dst-{d.name}", "discard": "unmap", "detect-zeroes": "unmap",
                 "file": f"dstf-{d.name}",
             })  # fmt: skip
-        for d in self.disks:
+        for d in self._from_backup():
             await self.execute("blockdev-mirror", {
                 "job-id": f"reloc-{d.name}", "device": f"ovl-{d.name}", "target": f"dst-{d.name}",
                 "sync": "full", "auto-finalize": True, "auto-dismiss": False,
@@ -297,7 +301,7 @@ class QemuVM:
         jobs = await self.execute("query-block-jobs")
         by_id = {j["device"]: j for j in jobs}
         out = []
-        for d in self.disks:
+        for d in self._from_backup():
             j = by_id.get(f"reloc-{d.name}")
             if j is None:
                 raise LiverestoreError(f"the relocation job of disk {d.name} disappeared")
@@ -310,10 +314,10 @@ class QemuVM:
     async def pivot(self) -> None:
         """Switch every disk to its destination together, drop the NBD-backed nodes and overlays,
         then give each destination its final name — in QEMU's node too, not only on disk."""
-        for d in self.disks:
+        for d in self._from_backup():
             await self.execute("block-job-complete", {"device": f"reloc-{d.name}"})
         deadline = time.monotonic() + 60
-        pending = {f"reloc-{d.name}" for d in self.disks}
+        pending = {f"reloc-{d.name}" for d in self._from_backup()}
         while pending:
             jobs = {j["device"]: j for j in await self.execute("query-block-jobs")}
             for job_id in list(pending):
@@ -327,12 +331,12 @@ class QemuVM:
             if time.monotonic() > deadline:
                 raise LiverestoreError("the pivot did not finish within 60 s")
             await asyncio.sleep(0.05)
-        for d in self.disks:
+        for d in self._from_backup():
             await self.execute("blockdev-del", {"node-name": f"ovl-{d.name}"})
             await self.execute("blockdev-del", {"node-name": f"src-{d.name}"})
             if d.overlay is not None:
                 d.overlay.unlink(missing_ok=True)
-        for d in self.disks:
+        for d in self._from_backup():
             final = self.destinations[d.name]
             os.replace(self._staging(d.name), final)
             # Two hops: a second locked open of the same file would conflict with the first one's
@@ -354,11 +358,11 @@ class QemuVM:
 
     async def abort_relocation(self) -> None:
         """Cancel mirrors; the VM keeps running from the agent and the destinations are removed."""
-        for d in self.disks:
+        for d in self._from_backup():
             with contextlib.suppress(LiverestoreError):
                 await self.execute("block-job-cancel", {"device": f"reloc-{d.name}", "force": True})
         await asyncio.sleep(0.2)
-        for d in self.disks:
+        for d in self._from_backup():
             with contextlib.suppress(LiverestoreError):
                 await self.execute("job-dismiss", {"id": f"reloc-{d.name}"})
             for node in (f"dst-{d.name}", f"dstf-{d.name}"):

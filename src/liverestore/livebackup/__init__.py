@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 import blake3
 
-from liverestore.backup import BackupStats, ProgressFn, commit_backup, store_disk
+from liverestore.backup import BackupStats, ProgressFn, backup_disk, commit_backup, store_disk
 from liverestore.backup_libvirt import find_domain
 from liverestore.errors import LiverestoreError
 from liverestore.hypervisor.libvirt_driver import libvirt_message, libvirt_module, open_connection
@@ -46,7 +46,7 @@ WarnFn = Callable[[str], None]
 @dataclass
 class DiskSummary:
     name: str
-    mode: str  # full | incremental
+    mode: str  # full | incremental | copied (a CD-ROM image, read as a file)
     virtual_size: int
     bytes_read: int = 0
     why_full: str = ""
@@ -309,10 +309,18 @@ def _read_and_commit(repo: Repository, dom: Any, vm: str, jobdir: Path, disks: l
         if mode == "full" and base.manifests and reasons[d.target]:
             warn(f"{d.target}: read in full: {reasons[d.target]}")
     lj.end_job(dom, jobdir)  # the frozen view is no longer needed: free the scratch before committing
+    for cd in lj.running_disks(dom.XMLDesc(0), "cdrom"):  # installer/cloud-init media: as the offline backup does
+        if cd.source and Path(cd.source).is_file():
+            before = stats.bytes_read
+            manifest = backup_disk(repo, Path(cd.source), cd.target, base.manifests.get(cd.target), stats, progress,
+                                   "raw")  # fmt: skip
+            records.append(repo.store_manifest(manifest))
+            summaries.append(DiskSummary(cd.target, "copied", manifest.virtual_size, stats.bytes_read - before,
+                                         "read-only media, read as a file"))  # fmt: skip
     facts = lj.checkpoint_facts(dom, checkpoint)
     if facts is None:
         raise LiverestoreError(f"checkpoint {checkpoint} vanished during the backup; no restore point committed")
-    all_inc = all(s.mode == "incremental" for s in summaries)
+    all_inc = all(s.mode in ("incremental", "copied") for s in summaries)
     info = {"made": "live", "mode": "incremental" if all_inc else "full", "checkpoint": checkpoint,
             "checkpoint_created": facts[0], "base_checkpoint": base.checkpoint if inc else None,
             "domain_uuid": uuid, "quiesced": quiesced,

@@ -88,12 +88,14 @@ class DomainLock:
             self.fd = -1
 
 
-def running_disks(live_xml: str) -> list[LiveDisk]:
+def running_disks(live_xml: str, device: str = "disk") -> list[LiveDisk]:
+    """The domain's disks of kind ``device`` (``disk``, or ``cdrom``: read-only media, which the
+    backup job leaves out and are read as files) that have a source."""
     root = ET.fromstring(live_xml)
     out = []
     for d in root.findall("devices/disk"):
         target, src, drv = d.find("target"), d.find("source"), d.find("driver")
-        if d.get("device", "disk") != "disk" or target is None or src is None:
+        if d.get("device", "disk") != device or target is None or src is None:
             continue
         out.append(LiveDisk(target.get("dev", ""), drv.get("type", "raw") if drv is not None else "raw",
                             src.get("file") or src.get("dev") or src.get("name") or ""))  # fmt: skip

@@ -25,11 +25,12 @@ def make_domain_xml(
     mac: str = "52:54:00:4c:52:01",
     serial_log: Path | None = None,
     data_bus: str = "sata",
+    cdrom: Path | None = None,
 ) -> str:
     """BIOS boot from ``vda`` (virtio); optional SATA data disks ``sda`` (``data_disk``), ``sdb``,
     ... (``more_disks``), each raw or qcow2 by its suffix (on ``data_bus="virtio"``: ``vdb``, ...); a virtio NIC on ``network``; a pty
     serial console the guest prints its markers on (also logged to ``serial_log``); reboot stays
-    a reboot."""
+    a reboot. ``cdrom``: an ISO as IDE ``hdc``."""
     data = ""
     for i, disk in enumerate([*([data_disk] if data_disk is not None else []), *more_disks]):
         data += f"""
@@ -37,6 +38,14 @@ def make_domain_xml(
       <driver name='qemu' type='{_format_of(disk)}'/>
       <source file={quoteattr(str(disk))}/>
       <target dev='{"vd" if data_bus == "virtio" else "sd"}{chr(ord("b" if data_bus == "virtio" else "a") + i)}' bus='{data_bus}'/>
+    </disk>"""
+    if cdrom is not None:  # read-only media on IDE, as installer and cloud-init images come
+        data += f"""
+    <disk type='file' device='cdrom'>
+      <driver name='qemu' type='raw'/>
+      <source file={quoteattr(str(cdrom))}/>
+      <target dev='hdc' bus='ide'/>
+      <readonly/>
     </disk>"""
     log = "" if serial_log is None else f"\n      <log file={quoteattr(str(serial_log))} append='off'/>"
     nic = "" if network is None else f"""
