@@ -4,10 +4,12 @@ serves and prunes killed at random that leaves a repository that verifies and re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -157,12 +159,15 @@ def test_chaos_backup_serve_forget_prune_with_kills(tmp_path: Path, request: pyt
     rnd = random.Random(request.config.getoption("--fuzz-seed") or 7)
     versions: list[bytes] = []
     outcomes: dict[str, int] = {}
+    lifetimes = {"backup": [0.6], "maintenance": [1.2]}  # seconds each ran when not killed, to aim kills
     for _ in range(rounds):
         versions.append(_write_disk(disk, rnd, versions[-1] if versions else None))
         base = [sys.executable, "-m", "liverestore"]
+        started = {"backup": time.monotonic()}
         backup = subprocess.Popen([*base, "backup", "--repo", str(repo_path), "--vm", "vm1", str(disk)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env})  # fmt: skip
         time.sleep(rnd.uniform(0, 0.4))
+        started["maintenance"] = time.monotonic()
         maint = subprocess.Popen(["sh", "-c", " ".join([*base, "forget", "--repo", str(repo_path), "--vm", "vm1",
                                                         "--keep-last", "3", "--apply", "&&", *base, "prune",
                                                         "--repo", str(repo_path)])],
@@ -171,19 +176,35 @@ def test_chaos_backup_serve_forget_prune_with_kills(tmp_path: Path, request: pyt
         # a kill at a random moment of one of them (startup, lease, chunk writes, commit, deletions),
         # while an agent serves a point and it is read back whole
         victim = rnd.choice(["backup", "maintenance", "none"])
-        kill = {"backup": backup.kill, "maintenance": lambda m=maint: os.killpg(m.pid, signal.SIGKILL),  # type: ignore[misc]
-                "none": lambda: None}[victim]  # fmt: skip
-        lifetime = {"backup": 0.6, "maintenance": 1.2, "none": 0.0}[victim]  # about how long each runs here
-        timer = threading.Timer(rnd.uniform(0.05, lifetime), kill)
+        target = {"backup": backup, "maintenance": maint}.get(victim)
+
+        def kill(p: subprocess.Popen[bytes] | None = target, group: bool = victim == "maintenance") -> None:
+            with contextlib.suppress(ProcessLookupError):  # it may have finished first
+                if p is not None and group:
+                    os.killpg(p.pid, signal.SIGKILL)  # the shell and the liverestore it runs
+                elif p is not None:
+                    p.kill()
+
+        lifetime = statistics.median(lifetimes.get(victim, [0.1]))
+        timer = threading.Timer(rnd.uniform(0.05, 0.95 * lifetime), kill)
         timer.start()
+        ended: dict[str, float] = {}
+        watchers = [threading.Thread(target=lambda p=p, n=n, e=ended: (p.wait(), e.__setitem__(n, time.monotonic())))
+                    for p, n in ((backup, "backup"), (maint, "maintenance"))]  # fmt: skip
+        for w in watchers:
+            w.start()
         doc = lr("list", "--repo", str(repo_path), "--json", env=env)
         ids = re.findall(r'"id": "(\w+)"', doc.stdout)
         if ids:
             outcome = _serve_and_read(repo_path, rnd.choice(ids), versions, env)
             outcomes[outcome.split(":")[0]] = outcomes.get(outcome.split(":")[0], 0) + 1
         timer.join()
+        for w in watchers:
+            w.join(120)
         for proc, name in ((backup, "backup"), (maint, "maintenance")):
             _, err = proc.communicate(timeout=120)
+            if proc.returncode == 0:
+                lifetimes[name].append(ended[name] - started[name])
             refused = proc.returncode == 1 and (b"the repository is busy" in err or b"has no backups" in err)
             assert proc.returncode in (0, -9) or refused, f"{name} failed: {err.decode()}"
             key = f"{name} {'killed' if proc.returncode in (-9, 137) else 'refused' if proc.returncode == 1 else 'ok'}"
