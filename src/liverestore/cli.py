@@ -92,12 +92,10 @@ def init(repo_path: str, block_size: str, encrypt: bool) -> None:
               help="The new passphrase (the current one as for every command).")  # fmt: skip
 def passwd(repo_path: str, new_password_file: Path) -> None:
     """Change an encrypted repository's passphrase (its master key is rewrapped; no data is rewritten)."""
+    from liverestore.repository.repo import read_passphrase_file
+
     repo = _open_repo(repo_path)
-    try:
-        new = new_password_file.read_text().rstrip("\n")
-    except OSError as e:
-        raise LiverestoreError(f"cannot read {new_password_file}: {e.strerror}") from None
-    repo.change_passphrase(new)
+    repo.change_passphrase(read_passphrase_file(new_password_file))
     click.echo(f"passphrase of {repo_path} changed", err=True)
 
 

@@ -95,18 +95,16 @@ class MediaAgent:
         source = self.source = self.retrying
         self.cache_dir = config.cache_dir / f"{point.vm}-{point.id}"
         self.lease = serve_lease(repo, point)
-        try:
-            self._lock_fd: int | None = lock_cache_dir(self.cache_dir)
-        except BaseException:
-            self.lease.release()
-            raise
+        self._lock_fd: int | None = None
         self.exports: dict[str, DiskExport] = {}
         try:
+            self._lock_fd = lock_cache_dir(self.cache_dir)
             self._open_exports(disks)
-        except BaseException:
+        except BaseException:  # undo in reverse: exports, the cache lock, the lease
             for e in self.exports.values():
                 e.close()
-            os.close(self._lock_fd)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
             self.lease.release()
             raise
         self.server = NbdServer(self.exports, config.tls)

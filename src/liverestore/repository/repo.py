@@ -34,6 +34,17 @@ CONFIG = Handle("config", "repository.json")
 KEY = Handle("config", "key.json")  # the wrapped master key of an encrypted repository
 
 
+def read_passphrase_file(path: Path) -> str:
+    """A passphrase file's text without its trailing newline; one line when unreadable or empty."""
+    try:
+        text = path.read_text().rstrip("\n")
+    except OSError as e:
+        raise RepositoryError(f"cannot read the password file {path}: {e.strerror}") from None
+    if not text:
+        raise RepositoryError(f"the password file {path} is empty")
+    return text
+
+
 def passphrase_for(where: str) -> str:
     """An encrypted repository's passphrase: ``LIVERESTORE_PASSWORD``, the file named by
     ``LIVERESTORE_PASSWORD_FILE`` (``--password-file``), or a prompt on a terminal."""
@@ -41,13 +52,7 @@ def passphrase_for(where: str) -> str:
         return os.environ["LIVERESTORE_PASSWORD"]
     path = os.environ.get("LIVERESTORE_PASSWORD_FILE")
     if path:
-        try:
-            text = Path(path).read_text().rstrip("\n")
-        except OSError as e:
-            raise RepositoryError(f"cannot read the password file {path}: {e.strerror}") from None
-        if not text:
-            raise RepositoryError(f"the password file {path} is empty")
-        return text
+        return read_passphrase_file(Path(path))
     if sys.stdin.isatty():
         return getpass.getpass(f"passphrase for {where}: ")
     raise RepositoryError(f"repository {where} is encrypted: give its passphrase (--password-file FILE, "
