@@ -14,6 +14,7 @@ from liverestore.repository import Repository, RestorePoint
 from tests.conftest import AgentFactory
 from tests.helpers import MiB, tree_digest
 from tests.nbdclient import NbdClient, NbdError
+from tests.packs import flip_chunk_byte
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess[str]:
@@ -157,10 +158,7 @@ def test_corrupt_chunk_fails_that_read_only(
     manifest = repo.load_manifest(point.record.disks[0])
     bad = manifest.blocks[2]
     assert bad is not None
-    path = repo.root / "chunks" / bad[:2] / bad[2:]
-    blob = bytearray(path.read_bytes())
-    blob[100] ^= 0x01
-    path.write_bytes(bytes(blob))
+    flip_chunk_byte(repo, bad, at=0.1, mask=0x01)
     agent = start_agent(repo, point)
     c = NbdClient("127.0.0.1", agent.port, "vm1/disk0")
     with pytest.raises(NbdError) as e:

@@ -16,6 +16,7 @@ from liverestore.repository import Repository
 from tests.conftest import AgentFactory
 from tests.helpers import MiB, tree_digest
 from tests.nbdclient import NbdClient, NbdError
+from tests.packs import flip_chunk_byte
 
 VM = "payroll-db-7"  # a name that must not show in the bucket
 
@@ -102,10 +103,11 @@ def test_a_flipped_byte_anywhere_is_named_and_reads_fail(encrypted: tuple[Path, 
     block = (3 * MiB + 4096) // (64 * 1024) + 1  # a block inside the pattern
     cid = manifest.blocks[block]
     assert cid is not None
-    for obj in (repo_path / "chunks" / cid[:2] / cid[2:], repo_path / "points" / point.id):
-        raw = bytearray(obj.read_bytes())
-        raw[len(raw) // 2] ^= 0x01
-        obj.write_bytes(bytes(raw))
+    flip_chunk_byte(repo, cid, mask=0x01)
+    obj = repo_path / "points" / point.id
+    raw = bytearray(obj.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    obj.write_bytes(bytes(raw))
     v = lr("verify", "--repo", str(repo_path), password=pw)
     assert v.returncode == 1
     assert f"chunk {cid} failed authentication" in v.stdout + v.stderr

@@ -20,6 +20,7 @@ from liverestore.repository import Repository, RestorePoint
 from tests.conftest import AgentFactory
 from tests.helpers import MiB, make_disk
 from tests.nbdclient import NbdClient, NbdError
+from tests.packs import chunk_file, flip_chunk_byte
 
 LR = [sys.executable, "-m", "liverestore"]
 
@@ -33,18 +34,19 @@ def test_verify_names_every_kind_of_damage(tmp_path: Path) -> None:
     a, b = tmp_path / "a.raw", tmp_path / "b.raw"
     make_disk(a, 16 * MiB, seed=1)
     make_disk(b, 16 * MiB, seed=2)
+    c = tmp_path / "c.raw"
+    make_disk(c, 1 * MiB, seed=3)
     pa, _ = run_backup(repo, "vma", [a], [])
     pb, _ = run_backup(repo, "vmb", [b], [])
+    pc, _ = run_backup(repo, "vmc", [c], [])  # a backup of one chunk: its pack holds nothing else
     ok = lr("verify", "--repo", str(repo.root))
     assert ok.returncode == 0 and ok.stdout.startswith("ok:"), ok.stderr
 
     ma = repo.load_manifest(pa.record.disks[0])
-    flipped, missing = [c for c in ma.blocks if c][:2]
-    chunk = repo.root / "chunks" / flipped[:2] / flipped[2:]
-    blob = bytearray(chunk.read_bytes())
-    blob[len(blob) // 3] ^= 0x40
-    chunk.write_bytes(bytes(blob))
-    (repo.root / "chunks" / missing[:2] / missing[2:]).unlink()
+    flipped = next(c for c in ma.blocks if c)
+    flip_chunk_byte(repo, flipped, at=1 / 3, mask=0x40)
+    missing = next(c for c in repo.load_manifest(pc.record.disks[0]).blocks if c)
+    chunk_file(repo, missing)[0].unlink()
     mb = repo.root / "manifests" / pb.record.disks[0].manifest_id
     mb.write_bytes(mb.read_bytes()[: mb.stat().st_size // 2])
 
@@ -68,7 +70,7 @@ def test_kill9_during_backup_leaves_no_partial_point(tmp_path: Path) -> None:
     proc = subprocess.Popen([*LR, "backup", "--repo", str(repo), "--vm", "big", str(disk)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     deadline = time.monotonic() + 60
-    while sum(1 for _ in (repo / "chunks").rglob("*")) < 300 and time.monotonic() < deadline:
+    while sum(f.is_file() for f in (repo / "packs").rglob("*")) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -85,7 +87,7 @@ def test_repository_outage_waits_warns_and_resumes(
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     agent = start_agent(repo, point, repo_latency_ms=1)
-    chunks, away = repo.root / "chunks", repo.root / "chunks.away"
+    chunks, away = repo.root / "packs", repo.root / "packs.away"
     chunks.rename(away)  # the repository's storage disappears (unmount, NFS outage)
     got: dict[str, bytes] = {}
     c = NbdClient("127.0.0.1", agent.port, "vm1/disk0")
@@ -107,7 +109,7 @@ def test_repository_outage_retries_are_bounded(
     repo: Repository, point: RestorePoint, start_agent: AgentFactory
 ) -> None:
     agent = start_agent(repo, point, repo_retry_s=1.0)
-    (repo.root / "chunks").rename(repo.root / "gone")
+    (repo.root / "packs").rename(repo.root / "gone")
     c = NbdClient("127.0.0.1", agent.port, "vm1/disk0")
     t0 = time.monotonic()
     with pytest.raises(NbdError) as e:

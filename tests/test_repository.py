@@ -12,6 +12,7 @@ from liverestore.backup import run_backup
 from liverestore.errors import DiskFormatError, IntegrityError, LiverestoreError, RepositoryError
 from liverestore.repository import Repository
 from tests.helpers import MiB, make_disk
+from tests.packs import flip_chunk_byte
 
 
 def test_backup_roundtrip_and_zero_blocks_not_stored(repo: Repository, disk: tuple[Path, bytes]) -> None:
@@ -76,10 +77,7 @@ def test_configs_are_stored(repo: Repository, disk: tuple[Path, bytes], tmp_path
 
 def test_corrupt_chunk_is_an_error_never_data(repo: Repository, point: object) -> None:
     cid = next(c for c in repo.load_manifest(repo.get_point("vm1").record.disks[0]).blocks if c)
-    path = repo.root / "chunks" / cid[:2] / cid[2:]
-    blob = bytearray(path.read_bytes())
-    blob[len(blob) // 2] ^= 0xFF
-    path.write_bytes(bytes(blob))
+    flip_chunk_byte(repo, cid)
     with pytest.raises(IntegrityError, match=cid):
         repo.chunks.get(cid, 1 * MiB)
 

@@ -68,7 +68,7 @@ def test_every_command_works_on_s3_and_a_second_machine_sees_the_same(
     # damage in the bucket is named by verify, never served
     client = s3.client()
     prefix = url.removeprefix(f"s3://{BUCKET}/")
-    victim = next(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/chunks/")["Contents"])
+    victim = next(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/packs/")["Contents"])
     body = bytearray(client.get_object(Bucket=BUCKET, Key=victim)["Body"].read())
     body[len(body) // 2] ^= 0xFF
     client.put_object(Bucket=BUCKET, Key=victim, Body=bytes(body))

@@ -15,6 +15,7 @@ from liverestore.repository import Repository, RestorePoint
 from liverestore.testvm import BuiltImage, build_test_vm
 from liverestore.testvm.localboot import boot_local_copy
 from tests.helpers import MiB, make_disk
+from tests.packs import stored_bytes
 
 
 @dataclass
@@ -49,7 +50,7 @@ def backup_digest(repo: Repository, point: RestorePoint) -> dict[str, bytes]:
         out[f"manifest/{rec.manifest_id}"] = (repo.manifest_dir / rec.manifest_id).read_bytes()
         for cid in repo.load_manifest(rec).blocks:
             if cid:
-                out[cid] = (repo.root / "chunks" / cid[:2] / cid[2:]).read_bytes()
+                out[cid] = stored_bytes(repo, cid)
     return out
 
 

@@ -399,6 +399,7 @@ def prune(repo_path: str, dry_run: bool) -> None:
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {r.chunks_deleted} chunk(s) ({r.bytes_deleted / 2**20:.1f} MiB) and {r.manifests_deleted} "
                f"manifest(s); kept {r.chunks_kept} chunk(s) and {r.manifests_kept} manifest(s) of {r.points} point(s)"
+               + (f"; {r.packs_deleted} pack(s) removed, {r.packs_repacked} of them repacked" if r.packs_deleted else "")
                + (f", {r.held_by_leases} manifest(s) only for serving agents" if r.held_by_leases else ""))  # fmt: skip
 
 

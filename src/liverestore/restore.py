@@ -31,7 +31,7 @@ from liverestore.agent.agent import AgentConfig, MediaAgent
 from liverestore.agent.nbd.tls import TlsPolicy, server_context
 from liverestore.agent.prefetch import RelocationPrefetcher, start_background
 from liverestore.agent.scheduler import FetchClass, Mode
-from liverestore.agent.source import repository_source
+from liverestore.agent.source import RepositorySource, emulate_link
 from liverestore.errors import LiverestoreError
 from liverestore.hypervisor import adopt_hypervisor, open_hypervisor, resolve_choice
 from liverestore.hypervisor.base import DiskAttachment, Hypervisor
@@ -215,7 +215,8 @@ async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: 
                     report: RestoreReport) -> None:
     """Copy every allocated block of a disk to ``path`` (written as ``.partial``, renamed when
     complete), a bounded number of blocks in flight: memory does not grow with the disk."""
-    source = repository_source(repo, opts.repo_latency_ms, opts.repo_mbps)
+    fetcher = RepositorySource(repo)
+    source = emulate_link(fetcher, opts.repo_latency_ms, opts.repo_mbps)
     partial = path.with_name(path.name + ".partial")
     fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -247,6 +248,7 @@ async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: 
         raise
     finally:
         os.close(fd)
+        fetcher.close()
     os.replace(partial, path)
 
 

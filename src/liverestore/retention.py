@@ -18,6 +18,7 @@ from liverestore.errors import LiverestoreError, RepositoryError
 from liverestore.repository import Repository, RestorePoint
 from liverestore.repository.backend import Handle
 from liverestore.repository.catalog import DiskRecord
+from liverestore.repository.chunkstore import prune_packs
 from liverestore.repository.leases import MAINTENANCE, SERVE, Lease, live_leases
 
 
@@ -89,6 +90,8 @@ class PruneReport:
     chunks_deleted: int = 0
     bytes_deleted: int = 0
     held_by_leases: int = 0  # manifests kept only because an agent is serving them
+    packs_deleted: int = 0
+    packs_repacked: int = 0  # mostly dead packs whose live chunks were copied to new ones
 
 
 def _lease_manifests(repo: Repository) -> list[DiskRecord]:
@@ -124,7 +127,7 @@ def prune(repo: Repository, apply: bool = True) -> PruneReport:
             except RepositoryError as e:
                 raise LiverestoreError(f"prune stopped, nothing deleted: {e}") from None
         report.manifests_kept, report.chunks_kept = len(manifests), len(chunks)
-        for cid in list(repo.backend.list("chunks")):
+        for cid in list(repo.backend.list("chunks")):  # loose chunks of a repository from before packs
             if cid in chunks:
                 continue
             h = Handle("chunks", cid)
@@ -132,6 +135,10 @@ def prune(repo: Repository, apply: bool = True) -> PruneReport:
             report.bytes_deleted += repo.backend.stat(h) or 0
             if apply:
                 repo.backend.remove(h)
+        packs = prune_packs(repo.chunks, chunks, apply)
+        report.chunks_deleted += packs.chunks_deleted
+        report.bytes_deleted += packs.bytes_deleted
+        report.packs_deleted, report.packs_repacked = packs.packs_deleted, packs.packs_repacked
         for mid in list(repo.backend.list("manifests")):
             if mid not in manifests:
                 report.manifests_deleted += 1

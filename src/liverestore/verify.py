@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from liverestore.errors import IntegrityError, RepositoryError
 from liverestore.repository import Repository
+from liverestore.repository.chunkstore import plan_runs
 
 
 @dataclass
@@ -27,7 +28,6 @@ class VerifyReport:
 
 def verify_repository(repo: Repository, vm: str | None = None) -> VerifyReport:
     report = VerifyReport()
-    checked: dict[str, str | None] = {}  # chunk id → problem (None when fine); each chunk hashed once
     points = repo.points(vm)
     if vm is not None and not points:
         repo.get_point(vm)  # raises the usual "has no backups" error
@@ -36,12 +36,15 @@ def verify_repository(repo: Repository, vm: str | None = None) -> VerifyReport:
             repo.load_point_object(pid)
         except RepositoryError as e:
             report.problems.append(str(e))
+    report.problems.extend(repo.chunks.reload().problems)  # unreadable index objects
     if vm is None:
         for name in sorted(repo.backend.list("profiles")):
             try:
                 repo.load_profile_object(name)
             except (RepositoryError, ValueError) as e:
                 report.problems.append(f"boot profile object {name} is unreadable: {e}")
+    users: dict[str, list[str]] = {}  # chunk id → who needs it ("VM v point p disk d block i")
+    sizes: dict[str, int] = {}
     for point in points:
         report.points += 1
         where = f"VM {point.vm} point {point.id}"
@@ -53,24 +56,35 @@ def verify_repository(repo: Repository, vm: str | None = None) -> VerifyReport:
                 continue
             report.manifests += 1
             for idx, cid in enumerate(manifest.blocks):
-                if cid is None:
-                    continue
-                if cid not in checked:
-                    checked[cid] = _check_chunk(repo, cid, manifest.block_length(idx), report)
-                if checked[cid] is not None:
-                    report.problems.append(f"{where} disk {rec.name} block {idx}: {checked[cid]}")
+                if cid is not None:
+                    sizes[cid] = manifest.block_length(idx)
+                    users.setdefault(cid, []).append(f"{where} disk {rec.name} block {idx}")
         for cfg in point.record.configs:
-            if cfg.chunk_id not in checked:
-                checked[cfg.chunk_id] = _check_chunk(repo, cfg.chunk_id, cfg.size, report)
-            if checked[cfg.chunk_id] is not None:
-                report.problems.append(f"{where} config {cfg.filename}: {checked[cfg.chunk_id]}")
+            sizes[cfg.chunk_id] = cfg.size
+            users.setdefault(cfg.chunk_id, []).append(f"{where} config {cfg.filename}")
+    for cid, problem in _check_chunks(repo, sizes, report).items():
+        report.problems.extend(f"{user}: {problem}" for user in users[cid])
     return report
 
 
-def _check_chunk(repo: Repository, cid: str, size: int, report: VerifyReport) -> str | None:
-    report.chunks_checked += 1
-    try:
-        report.bytes_checked += len(repo.chunks.get(cid, size))
-    except (IntegrityError, RepositoryError) as e:
-        return str(e)
-    return None
+def _check_chunks(repo: Repository, sizes: dict[str, int], report: VerifyReport) -> dict[str, str]:
+    """Read and re-hash every chunk once, neighbours in a pack with one ranged read; the problems."""
+    problems: dict[str, str] = {}
+    wants = []
+    for cid, size in sizes.items():
+        try:
+            wants.append(repo.chunks.want(cid, size))
+        except (IntegrityError, RepositoryError) as e:
+            problems[cid] = str(e)
+    for run in plan_runs(wants):
+        try:
+            results = repo.chunks.load_run(run)
+        except (IntegrityError, RepositoryError) as e:
+            results = [IntegrityError(str(e)) for _ in run]
+        for w, got in zip(run, results, strict=True):
+            report.chunks_checked += 1
+            if isinstance(got, Exception):
+                problems[w.cid] = str(got)
+            else:
+                report.bytes_checked += len(got[0])
+    return problems

@@ -19,7 +19,7 @@ from liverestore.agent.nbd.server import NbdServer
 from liverestore.agent.nbd.tls import TlsPolicy
 from liverestore.agent.recorder import AccessRecorder
 from liverestore.agent.scheduler import FetchClass, FetchScheduler, Mode
-from liverestore.agent.source import RetryingSource, repository_source
+from liverestore.agent.source import RepositorySource, RetryingSource, emulate_link
 from liverestore.errors import LiverestoreError
 from liverestore.repository import Repository, RestorePoint
 from liverestore.repository.backend import Handle
@@ -90,9 +90,10 @@ class MediaAgent:
             slots=config.fetch_slots or 32, mode=config.mode,
             adaptive=AdaptiveLimit() if config.fetch_slots is None else None,
         )  # fmt: skip
-        source = repository_source(repo, config.repo_latency_ms, config.repo_mbps)
-        self.retrying = RetryingSource(source, deadline_s=config.repo_retry_s)
-        source = self.source = self.retrying
+        self.fetcher = RepositorySource(repo)
+        self.retrying = RetryingSource(emulate_link(self.fetcher, config.repo_latency_ms, config.repo_mbps),
+                                       deadline_s=config.repo_retry_s)  # fmt: skip
+        self.source = self.retrying
         self.cache_dir = config.cache_dir / f"{point.vm}-{point.id}"
         self.lease = serve_lease(repo, point)
         self._lock_fd: int | None = None
@@ -106,6 +107,7 @@ class MediaAgent:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
             self.lease.release()
+            self.fetcher.close()
             raise
         self.server = NbdServer(self.exports, config.tls)
         self._persist_task: asyncio.Task[None] | None = None
@@ -229,6 +231,7 @@ class MediaAgent:
                 await self._persist_task
         await self.server.close()
         await self.scheduler.close()
+        self.fetcher.close()
         for e in self.exports.values():
             e.close()
         self.recorder.close()

@@ -18,7 +18,8 @@ from typing import Any, Protocol
 
 from liverestore.errors import RepositoryError, RepositoryUnavailable
 
-KINDS = ("config", "chunks", "manifests", "points", "profiles", "locks")
+KINDS = ("config", "chunks", "packs", "index", "manifests", "points", "profiles", "locks")
+_FANNED_OUT = ("chunks", "packs")  # many objects: the local backend spreads them over 256 directories
 
 
 @dataclass(frozen=True)
@@ -77,15 +78,15 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """A directory. Chunks fan out by their first two hex digits (``chunks/ab/cdef…``)."""
+    """A directory. Packs (and loose chunks) fan out by their first two hex digits (``packs/ab/cdef…``)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.location = str(root)
 
     def path(self, h: Handle) -> Path:
-        if h.kind == "chunks":
-            return self.root / "chunks" / h.name[:2] / h.name[2:]
+        if h.kind in _FANNED_OUT:
+            return self.root / h.kind / h.name[:2] / h.name[2:]
         if h.kind == "config":
             return self.root / h.name
         return self.root / h.kind / h.name
@@ -105,8 +106,8 @@ class LocalBackend:
         return True
 
     def save(self, h: Handle, data: bytes) -> None:
-        try:  # chunks: no fsync each (thousands per backup); ``flush`` makes them durable at once
-            self._write(self.path(h), data, exclusive=False, fsync=h.kind != "chunks")
+        try:  # packs: no fsync each (many per backup); ``flush`` makes them durable at once
+            self._write(self.path(h), data, exclusive=False, fsync=h.kind not in _FANNED_OUT)
         except OSError as e:
             raise self._error(h, e) from None
 
@@ -141,9 +142,9 @@ class LocalBackend:
         if not base.is_dir():
             return
         for entry in sorted(base.iterdir()):
-            if kind == "chunks" and entry.is_dir() and len(entry.name) == 2:
+            if kind in _FANNED_OUT and entry.is_dir() and len(entry.name) == 2:
                 yield from (entry.name + p.name for p in sorted(entry.iterdir()) if not p.name.startswith("."))
-            elif kind != "chunks" and entry.is_file() and not entry.name.startswith("."):
+            elif kind not in _FANNED_OUT and entry.is_file() and not entry.name.startswith("."):
                 yield entry.name
 
     def remove(self, h: Handle) -> None:

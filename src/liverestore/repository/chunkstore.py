@@ -1,22 +1,45 @@
-"""Content-addressed chunk store.
+"""Content-addressed chunk store: chunks packed into large objects, found through an index.
 
-Chunks are named by the BLAKE3 hash of their *uncompressed* bytes, so identical blocks from any
-disk, VM or restore point are stored once. Every read re-hashes: a repository on flaky secondary
-storage must produce an error, never wrong data for a booting VM.
+Chunks are named by the BLAKE3 hash of their *uncompressed* bytes (the keyed hash in an encrypted
+repository), so identical blocks from any disk, VM or restore point are stored once. Every read
+re-hashes: a repository on flaky secondary storage must produce an error, never wrong data for a
+booting VM.
+
+One object per 64 KiB chunk would make an object store charge a request, and a round trip, per
+block; so, as restic does, a backup appends its new chunks (compressed, then sealed when
+encrypted) to a *pack* of about 16 MiB (``packs/<hash of the pack>``) and, before its restore
+point is committed, writes an *index* object (``index/<hash>``) saying which chunk sits where in
+which pack. Readers load every index once and fetch byte ranges of packs; neighbouring chunks of
+one pack are read with one ranged request (``load_run``). A pack is written before any index
+names it, and an index before any point needs it, so a crash leaves at worst an unindexed pack
+that prune removes. Repositories from before packs keep their loose ``chunks/<id>`` objects,
+which are still read.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import blake3
 import zstandard
 
-from liverestore.errors import IntegrityError, RepositoryError
+from liverestore.errors import IntegrityError, RepositoryError, RepositoryUnavailable
 from liverestore.repository.backend import Backend, Handle, ObjectMissing
 from liverestore.repository.crypto import MasterKey
 
+log = logging.getLogger("liverestore.chunks")
+
 _ZSTD_LEVEL = 3
+PACK_TARGET = 16 * 1024 * 1024  # restic's default; big enough that requests per GiB stay ~64
+INDEX_EVERY_PACKS = 64  # a long backup writes its index in parts, so a crash wastes little
+_UPLOADS_IN_FLIGHT = 3
+_REFRESH_MIN_S = 1.0  # an unknown chunk re-reads the index at most this often
 
 
 def chunk_id(data: bytes | memoryview) -> str:
@@ -24,21 +47,86 @@ def chunk_id(data: bytes | memoryview) -> str:
     return str(blake3.blake3(data).hexdigest())
 
 
+def _check_id(cid: str) -> str:
+    if len(cid) != 64 or any(c not in "0123456789abcdef" for c in cid):
+        raise RepositoryError(f"malformed chunk id {cid!r}")
+    return cid
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where one chunk's stored bytes are: ``pack`` is None for a loose chunk object."""
+
+    pack: str | None
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Want:
+    """One chunk a reader needs: its id and uncompressed size, and where it is stored."""
+
+    cid: str
+    size: int
+    where: Location
+
+
+class PackIndex:
+    """Every index object read so far, merged: chunk id → location, pack → its chunks."""
+
+    def __init__(self) -> None:
+        self.by_chunk: dict[str, Location] = {}
+        self.packs: dict[str, list[tuple[str, int, int]]] = {}
+        self.objects: set[str] = set()  # index objects already read
+        self.problems: list[str] = []  # unreadable index objects (verify reports them)
+
+    def add(self, pack: str, entries: Iterable[tuple[str, int, int]]) -> None:
+        listed = self.packs.setdefault(pack, [])
+        for cid, offset, length in entries:
+            listed.append((cid, offset, length))
+            self.by_chunk.setdefault(cid, Location(pack, offset, length))
+
+
+def _encode_index(packs: dict[str, list[tuple[str, int, int]]]) -> bytes:
+    doc = {"version": 1, "packs": [{"id": p, "chunks": [list(e) for e in es]} for p, es in packs.items()]}
+    return bytes(zstandard.ZstdCompressor(level=3).compress(json.dumps(doc).encode()))
+
+
+def _decode_index(blob: bytes) -> dict[str, list[tuple[str, int, int]]]:
+    doc = json.loads(zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 30))
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    for p in doc["packs"]:
+        out[_check_id(str(p["id"]))] = [(_check_id(str(c)), int(o), int(n)) for c, o, n in p["chunks"]]
+    return out
+
+
 class ChunkStore:
-    """zstd-compressed chunks in a backend, one object per chunk named by its id; in an encrypted
-    repository each is sealed after compression and named by the keyed hash."""
+    """zstd-compressed chunks in packs; in an encrypted repository each chunk is sealed after
+    compression (its id as associated data), and index objects are sealed too."""
 
     def __init__(self, backend: Backend, key: MasterKey | None = None) -> None:
         self.backend = backend
         self.key = key
         # zstd contexts are not thread-safe; the agent decompresses in worker threads.
         self._local = threading.local()
+        self._index: PackIndex | None = None
+        self._index_lock = threading.Lock()
+        self._last_refresh = 0.0
+        self._last_reload = 0.0
+        # the writer side: the open pack, packs written since the last index, uploads under way
+        self._write_lock = threading.Lock()
+        self._buffer: list[bytes] = []
+        self._buffer_entries: list[tuple[str, int, int]] = []
+        self._buffer_size = 0
+        self._pending_ids: set[str] = set()
+        self._unindexed: dict[str, list[tuple[str, int, int]]] = {}
+        self._uploads: list[Future[None]] = []
+        self._uploader: ThreadPoolExecutor | None = None
 
     @staticmethod
     def handle(cid: str) -> Handle:
-        if len(cid) != 64 or any(c not in "0123456789abcdef" for c in cid):
-            raise RepositoryError(f"malformed chunk id {cid!r}")
-        return Handle("chunks", cid)
+        """A loose chunk's object (repositories from before packs)."""
+        return Handle("chunks", _check_id(cid))
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "c", None)
@@ -56,23 +144,158 @@ class ChunkStore:
         """The name ``data`` is stored under in this repository."""
         return self.key.object_id(data) if self.key else chunk_id(data)
 
+    # -- the index -----------------------------------------------------------------------------
+    def index(self) -> PackIndex:
+        """The merged index, read on first use."""
+        if self._index is None:
+            self.refresh()
+        assert self._index is not None
+        return self._index
+
+    def refresh(self) -> PackIndex:
+        """Read the index objects not read yet (another process may have committed a backup)."""
+        with self._index_lock:
+            index = self._index or PackIndex()
+            for name in self.backend.list("index"):
+                if name in index.objects:
+                    continue
+                try:
+                    packs = self.load_index_object(name)
+                except ObjectMissing:
+                    continue  # replaced by a prune since the listing
+                except (IntegrityError, RepositoryError, ValueError, KeyError, TypeError) as e:
+                    if isinstance(e, RepositoryUnavailable):
+                        raise
+                    problem = f"index object {name} is unreadable ({type(e).__name__}: {e})"
+                    if problem not in index.problems:
+                        index.problems.append(problem)
+                        log.error("%s", problem)
+                    continue
+                index.objects.add(name)
+                for pack, entries in packs.items():
+                    index.add(pack, entries)
+            self._index = index
+            self._last_refresh = time.monotonic()
+            return index
+
+    def load_index_object(self, name: str) -> dict[str, list[tuple[str, int, int]]]:
+        blob = self.backend.load(Handle("index", name))
+        if self.key:
+            blob = self.key.open(blob, f"index {name}")
+        elif chunk_id(blob) != name:
+            raise IntegrityError("content does not match its hash")
+        return _decode_index(blob)
+
+    def reload(self) -> PackIndex:
+        """Read the whole index again from scratch: a prune may have moved chunks to new packs."""
+        with self._index_lock:
+            self._index = None
+            self._last_reload = time.monotonic()
+        return self.refresh()
+
+    def locate(self, cid: str) -> Location | None:
+        """Where ``cid`` is stored; None when no index names it (a loose chunk, or none at all)."""
+        where = self.index().by_chunk.get(cid)
+        if where is None and time.monotonic() - self._last_refresh >= _REFRESH_MIN_S:
+            where = self.refresh().by_chunk.get(cid)
+        return where
+
+    def _where(self, cid: str) -> Location:
+        where = self.locate(cid)
+        if where is not None:
+            return where
+        size = self.backend.stat(self.handle(cid))
+        if size is None:
+            raise IntegrityError(f"chunk {cid} is missing from the repository")
+        return Location(None, 0, size)
+
+    # -- writing -------------------------------------------------------------------------------
     def put(self, data: bytes, cid: str | None = None) -> tuple[str, int]:
-        """Store ``data`` unless present; return (chunk id, bytes newly written)."""
-        cid = cid or self.id_of(data)
-        h = self.handle(cid)
-        if self.backend.stat(h) is not None:
+        """Store ``data`` unless present; return (chunk id, bytes newly written). Stored bytes
+        are durable, and readable by others, only after ``flush``."""
+        cid = _check_id(cid or self.id_of(data))
+        if cid in self.index().by_chunk or cid in self._pending_ids:
             return cid, 0
         blob = self._compressor().compress(data)
         if self.key:
             blob = self.key.seal(blob, f"chunk {cid}")
-        self.backend.save(h, blob)
+        with self._write_lock:
+            if cid in self._pending_ids:
+                return cid, 0
+            self._pending_ids.add(cid)
+            self._buffer_entries.append((cid, self._buffer_size, len(blob)))
+            self._buffer.append(blob)
+            self._buffer_size += len(blob)
+            if self._buffer_size >= PACK_TARGET:
+                self._seal_pack()
         return cid, len(blob)
 
+    def put_blob(self, cid: str, blob: bytes) -> None:
+        """Append an already stored chunk's bytes as they are (repacking: no recompression)."""
+        with self._write_lock:
+            self._pending_ids.add(cid)
+            self._buffer_entries.append((cid, self._buffer_size, len(blob)))
+            self._buffer.append(blob)
+            self._buffer_size += len(blob)
+            if self._buffer_size >= PACK_TARGET:
+                self._seal_pack()
+
+    def _seal_pack(self) -> None:
+        """Hand the open pack to the uploader (caller holds the write lock)."""
+        if not self._buffer:
+            return
+        data = b"".join(self._buffer)
+        entries = self._buffer_entries
+        self._buffer, self._buffer_entries, self._buffer_size = [], [], 0
+        pack = chunk_id(data)
+        if self._uploader is None:
+            self._uploader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pack-upload")
+        self._uploads = [f for f in self._uploads if not f.done() or f.exception() is not None]
+        while len(self._uploads) >= _UPLOADS_IN_FLIGHT:  # bounded memory: wait for the oldest
+            self._uploads.pop(0).result()
+        self._uploads.append(self._uploader.submit(self.backend.save, Handle("packs", pack), data))
+        self._unindexed[pack] = entries
+        if len(self._unindexed) >= INDEX_EVERY_PACKS:
+            self._write_index()
+
+    def _write_index(self) -> None:
+        """Wait for the packs' uploads, then name them in one index object (write lock held)."""
+        uploads, self._uploads = self._uploads, []
+        for f in uploads:
+            f.result()  # an upload that failed fails the backup here, before any index names it
+        if not self._unindexed:
+            return
+        name = self.write_index(self._unindexed)
+        index = self.index()
+        with self._index_lock:
+            index.objects.add(name)
+            for pack, entries in self._unindexed.items():
+                index.add(pack, entries)
+        self._unindexed = {}
+
+    def write_index(self, packs: dict[str, list[tuple[str, int, int]]]) -> str:
+        """One index object naming ``packs``; its name."""
+        blob = _encode_index(packs)
+        name = self.key.object_id(blob) if self.key else chunk_id(blob)
+        self.backend.save(Handle("index", name), self.key.seal(blob, f"index {name}") if self.key else blob)
+        return name
+
+    def flush(self) -> None:
+        """Write the open pack and an index naming every pack written: after this, every chunk
+        ``put`` so far is readable by any process (call before committing a restore point)."""
+        with self._write_lock:
+            self._seal_pack()
+            self._write_index()
+            self._pending_ids.clear()
+
+    def close(self) -> None:
+        if self._uploader is not None:
+            self._uploader.shutdown(wait=True)
+            self._uploader = None
+
+    # -- reading -------------------------------------------------------------------------------
     def stored_size(self, cid: str) -> int:
-        size = self.backend.stat(self.handle(cid))
-        if size is None:
-            raise IntegrityError(f"chunk {cid} is missing from the repository")
-        return size
+        return self._where(cid).length
 
     def get(self, cid: str, expected_size: int) -> bytes:
         """Read, decompress and verify one chunk."""
@@ -80,20 +303,159 @@ class ChunkStore:
 
     def fetch(self, cid: str, expected_size: int) -> tuple[bytes, int]:
         """(data, stored bytes) of one chunk, verified: one request, however far the store is."""
+        got = self.load_run([Want(cid, expected_size, self._where(cid))])[0]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def want(self, cid: str, size: int) -> Want:
+        """What reading ``cid`` takes (may read the index or stat a loose chunk)."""
+        return Want(cid, size, self._where(cid))
+
+    def cached_want(self, cid: str, size: int) -> Want | None:
+        """``want`` from the index in memory alone, or None: safe on an event loop."""
+        where = self._index.by_chunk.get(cid) if self._index is not None else None
+        return Want(cid, size, where) if where is not None else None
+
+    def load_run(self, run: Sequence[Want], moved_ok: bool = True) -> list[tuple[bytes, int] | IntegrityError]:
+        """Chunks of one pack (or one loose chunk) read with a single ranged request, each
+        checked on its own: a damaged chunk fails alone. A transport failure raises for all.
+        A pack that is gone may have been repacked by a prune: the index is read again and the
+        chunks are looked for where it now says (once)."""
+        first, last = run[0].where, run[-1].where
+        if first.pack is None:
+            if len(run) != 1:
+                raise ValueError("loose chunks are read one at a time")
+            try:
+                blob = self.backend.load(self.handle(run[0].cid))
+            except ObjectMissing:
+                return [IntegrityError(f"chunk {run[0].cid} is missing from the repository")]
+            return [self._decode(run[0], blob, 0, len(blob))]
+        span = last.offset + last.length - first.offset
+        h = Handle("packs", first.pack)
         try:
-            blob = self.backend.load(self.handle(cid))
+            data = self.backend.load(h, first.offset, span)
         except ObjectMissing:
-            raise IntegrityError(f"chunk {cid} is missing from the repository") from None
-        stored = len(blob)
-        if self.key:
-            blob = self.key.open(blob, f"chunk {cid}")
+            if moved_ok and time.monotonic() - self._last_reload >= _REFRESH_MIN_S and first.pack not in self.reload().packs:
+                return self._load_moved(run)
+            return [IntegrityError(f"chunk {w.cid} is missing from the repository (object packs/{first.pack} "
+                                   "is gone)") for w in run]  # fmt: skip
+        out: list[tuple[bytes, int] | IntegrityError] = []
+        for w in run:
+            start = w.where.offset - first.offset
+            if start + w.where.length > len(data):
+                out.append(IntegrityError(f"chunk {w.cid} is corrupt (object packs/{first.pack} is truncated)"))
+            else:
+                got = self._decode(w, data, start, w.where.length)
+                out.append(IntegrityError(f"{got} (object packs/{first.pack})") if isinstance(got, Exception) else got)
+        return out
+
+    def _load_moved(self, run: Sequence[Want]) -> list[tuple[bytes, int] | IntegrityError]:
+        got: dict[str, tuple[bytes, int] | IntegrityError] = {}
+        wants = []
+        for w in run:
+            where = self.locate(w.cid)
+            if where is None:
+                got[w.cid] = IntegrityError(f"chunk {w.cid} is missing from the repository")
+            else:
+                wants.append(Want(w.cid, w.size, where))
+        for moved in plan_runs(wants):
+            got.update((w.cid, r) for w, r in zip(moved, self.load_run(moved, moved_ok=False), strict=True))
+        return [got[w.cid] for w in run]
+
+    def _decode(self, w: Want, data: bytes, start: int, length: int) -> tuple[bytes, int] | IntegrityError:
+        blob = data[start : start + length] if (start or length != len(data)) else data
         try:
-            data = self._decompressor().decompress(blob, max_output_size=expected_size)
+            if self.key:
+                blob = self.key.open(blob, f"chunk {w.cid}")
+            plain = self._decompressor().decompress(blob, max_output_size=w.size)
+        except IntegrityError as e:
+            return e
         except zstandard.ZstdError as e:
-            raise IntegrityError(f"chunk {cid} is corrupt (cannot decompress: {e})") from None
-        if len(data) != expected_size or self.id_of(data) != cid:
-            raise IntegrityError(f"chunk {cid} is corrupt (content does not match its hash)")
-        return data, stored
+            return IntegrityError(f"chunk {w.cid} is corrupt (cannot decompress: {e})")
+        if len(plain) != w.size or self.id_of(plain) != w.cid:
+            return IntegrityError(f"chunk {w.cid} is corrupt (content does not match its hash)")
+        return plain, length
+
+    def load_raw(self, where: Location, cid: str) -> bytes:
+        """A chunk's stored bytes as they are (repacking copies them without opening them)."""
+        h = Handle("packs", where.pack) if where.pack else self.handle(cid)
+        data = self.backend.load(h, where.offset, where.length) if where.pack else self.backend.load(h)
+        if len(data) != where.length:
+            raise IntegrityError(f"chunk {cid} is corrupt (pack {where.pack} is truncated)")
+        return data
 
     def iter_ids(self) -> list[str]:
-        return list(self.backend.list("chunks"))
+        """Every chunk stored: those the index names, then loose ones."""
+        index = self.refresh()
+        return list(index.by_chunk) + [c for c in self.backend.list("chunks") if c not in index.by_chunk]
+
+
+def plan_runs(wants: Sequence[Want], max_gap: int = 256 * 1024, max_span: int = 8 * 1024 * 1024) -> list[list[Want]]:
+    """Group chunks into ranged reads: same pack, ascending, a gap of at most ``max_gap`` bytes
+    between neighbours (reading a little waste beats another round trip) and at most ``max_span``
+    bytes per request. Loose chunks are runs of one."""
+    runs: list[list[Want]] = []
+    ordered = sorted(wants, key=lambda w: (w.where.pack or "", w.where.offset))
+    for w in ordered:
+        if runs and w.where.pack is not None:
+            prev = runs[-1][-1].where
+            start = runs[-1][0].where.offset
+            if (prev.pack == w.where.pack and 0 <= w.where.offset - (prev.offset + prev.length) <= max_gap
+                    and w.where.offset + w.where.length - start <= max_span):  # fmt: skip
+                runs[-1].append(w)
+                continue
+        runs.append([w])
+    return runs
+
+
+@dataclass
+class PackPrune:
+    packs_deleted: int = 0
+    packs_repacked: int = 0
+    chunks_deleted: int = 0
+    bytes_deleted: int = 0
+
+
+def prune_packs(store: ChunkStore, live: set[str], apply: bool, repack_below: float = 0.5) -> PackPrune:
+    """Drop every chunk not in ``live`` from the packs (the caller holds the maintenance lease,
+    so no backup is writing). A pack with no live chunk is deleted; one whose live bytes are under
+    ``repack_below`` of it has them copied, as stored, into new packs and is deleted; the rest
+    are kept whole. Order makes a prune killed anywhere harmless: new packs, then an index of
+    every live chunk, then the old index objects, then the packs nothing names any more."""
+    report = PackPrune()
+    index = store.reload()
+    old_objects = set(index.objects)  # the repack's own index joins ``index`` below: not to be deleted
+    stored = set(store.backend.list("packs"))
+    keep: dict[str, list[tuple[str, int, int]]] = {}
+    repack: list[tuple[str, Location]] = []
+    drop: set[str] = set(stored - set(index.packs))  # unindexed: left by a backup that died
+    report.bytes_deleted += sum(store.backend.stat(Handle("packs", p)) or 0 for p in drop)
+    for pack, entries in index.packs.items():
+        mine = [e for e in entries if e[0] in live and index.by_chunk[e[0]].pack == pack]
+        total = sum(n for _, _, n in entries)
+        used = sum(n for _, _, n in mine)
+        report.chunks_deleted += len(entries) - len(mine)
+        if not mine or pack not in stored:
+            drop.add(pack)
+            report.bytes_deleted += total if pack in stored else 0
+        elif used < repack_below * total:
+            drop.add(pack)
+            report.packs_repacked += 1
+            report.bytes_deleted += total - used
+            repack.extend((cid, Location(pack, off, n)) for cid, off, n in mine)
+        else:
+            keep[pack] = mine  # its dead bytes stay until enough of it is dead to repack
+    report.packs_deleted = len(drop)
+    if not apply:
+        return report
+    for cid, where in repack:
+        store.put_blob(cid, store.load_raw(where, cid))
+    store.flush()  # the repacked chunks' new packs and their index
+    name = store.write_index(keep) if keep else ""
+    for old in old_objects - {name}:
+        store.backend.remove(Handle("index", old))
+    for pack in drop:
+        store.backend.remove(Handle("packs", pack))
+    store.reload()
+    return report

@@ -29,7 +29,8 @@ from liverestore.repository.crypto import MasterKey
 from liverestore.repository.manifest import DEFAULT_BLOCK_SIZE, DiskManifest, check_block_size
 
 FORMAT_NAME = "liverestore-repository"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chunks in packs with an index; 1 (loose chunk objects) is still read and written to
+READABLE_VERSIONS = (1, 2)
 CONFIG = Handle("config", "repository.json")
 KEY = Handle("config", "key.json")  # the wrapped master key of an encrypted repository
 
@@ -109,8 +110,11 @@ class Repository:
             raise RepositoryError(f"{location} is not a liverestore repository (no repository.json)") from None
         except ValueError as e:
             raise RepositoryError(f"{location}/repository.json is unreadable: {e}") from None
-        if cfg.get("format") != FORMAT_NAME or cfg.get("version") != FORMAT_VERSION:
-            raise RepositoryError(f"{location} is not a liverestore repository of version {FORMAT_VERSION}")
+        if cfg.get("format") != FORMAT_NAME:
+            raise RepositoryError(f"{location} is not a liverestore repository")
+        if cfg.get("version") not in READABLE_VERSIONS:
+            raise RepositoryError(f"{location} is a liverestore repository of version {cfg.get('version')}; "
+                                  f"this liverestore reads versions {', '.join(map(str, READABLE_VERSIONS))}")  # fmt: skip
         self.block_size = int(cfg["block_size"])
         self.key: MasterKey | None = None
         if cfg.get("encrypted"):
@@ -198,6 +202,7 @@ class Repository:
         return cls(location)
 
     def close(self) -> None:
+        self.chunks.close()
         self.catalog.close()
 
     def sync_catalog(self) -> None:
@@ -246,7 +251,8 @@ class Repository:
     def commit_point(
         self, vm: str, disks: list[DiskRecord], configs: list[ConfigRecord], bytes_new: int
     ) -> RestorePoint:
-        """Make a restore point visible. Call only once every chunk and manifest is saved."""
+        """Make a restore point visible: its chunks' packs and index first, then the point object."""
+        self.chunks.flush()
         self.backend.flush()
         seed = f"{vm}\0{time.time_ns()}\0{os.getpid()}\0" + "\0".join(d.manifest_id for d in disks)
         point_id = str(blake3.blake3(seed.encode()).hexdigest())[:12]

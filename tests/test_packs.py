@@ -1,0 +1,127 @@
+"""Chunks packed into large objects: few objects per backup, neighbouring blocks read with one
+ranged request, prune repacking mostly dead packs under a serving agent that follows the move,
+and repositories from before packs (loose chunk objects) still read and still take backups."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from liverestore.backup import run_backup
+from liverestore.repository import Repository
+from liverestore.repository.backend import Handle
+from liverestore.retention import forget, prune
+from tests.conftest import AgentFactory
+from tests.helpers import MiB
+from tests.nbdclient import NbdClient
+
+BS = 64 * 1024
+
+
+def _files(root: Path) -> list[Path]:
+    return [f for f in root.rglob("*") if f.is_file()] if root.is_dir() else []
+
+
+def _random_disk(path: Path, size: int, seed: int, base: bytes | None = None, change: float = 1.0) -> bytes:
+    """``size`` bytes of half-compressible blocks; with ``base``, that disk with ``change`` of its
+    blocks rewritten."""
+    rnd = random.Random(seed)
+    data = bytearray(base or bytes(size))
+    for at in range(0, size, BS):
+        if base is None or rnd.random() < change:
+            data[at : at + BS] = rnd.randbytes(BS // 2) * 2
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_a_backup_is_a_few_packs_and_a_sequential_read_a_few_requests(
+    tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    repo = Repository.init(tmp_path / "repo", BS)
+    content = _random_disk(tmp_path / "d.raw", 48 * MiB, seed=1)
+    point, stats = run_backup(repo, "vm1", [tmp_path / "d.raw"], [])
+    blocks = 48 * MiB // BS
+    packs, loose = _files(tmp_path / "repo" / "packs"), _files(tmp_path / "repo" / "chunks")
+    assert not loose and 1 <= len(packs) <= -(-stats.bytes_new_stored // (16 * MiB)) + 1, [p.name for p in packs]
+    assert len(_files(tmp_path / "repo" / "index")) == 1
+    agent = start_agent(repo, point, fetch_slots=64)  # fixed: a read's 32 blocks are fetched at once
+    c = NbdClient("127.0.0.1", agent.port, "vm1/d")
+    got = b"".join(c.read(off, 2 * MiB) for off in range(0, 48 * MiB, 2 * MiB))
+    c.close()
+    assert got == content
+    requests = agent.agent.fetcher.requests
+    print(f"{blocks} blocks read with {requests} requests")
+    assert requests <= blocks // 8  # 32 blocks a read: neighbours in a pack share a ranged read
+
+
+def test_prune_repacks_a_mostly_dead_pack_and_a_serving_agent_follows(
+    tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    repo = Repository.init(tmp_path / "repo", BS)
+    disk = tmp_path / "d.raw"
+    first = _random_disk(disk, 8 * MiB, seed=2)
+    p1, _ = run_backup(repo, "vm1", [disk], [])
+    second = _random_disk(disk, 8 * MiB, seed=3, base=first, change=0.8)
+    p2, _ = run_backup(repo, "vm1", [disk], [])
+    agent = start_agent(repo, p2)
+    c = NbdClient("127.0.0.1", agent.port, "vm1/d")
+    assert c.read(0, BS) == second[:BS]  # the agent has read the index: it now names p1's pack
+    forget(repo, "vm1", keep_last=1, keep_daily=0, keep_weekly=0, apply=True)
+    before = sum(f.stat().st_size for f in _files(tmp_path / "repo" / "packs"))
+    report = prune(repo)
+    after = sum(f.stat().st_size for f in _files(tmp_path / "repo" / "packs"))
+    assert report.packs_repacked == 1 and report.packs_deleted == 1, report
+    live = sum(repo.chunks.stored_size(cid) for cid in set(repo.load_manifest(p2.record.disks[0]).blocks) if cid)
+    assert after == live < before  # nothing dead is left in the packs
+    assert c.read(0, 8 * MiB) == second  # the blocks p2 shares with p1 moved under the agent
+    c.close()
+    again = prune(repo)
+    assert again.chunks_deleted == 0 and again.bytes_deleted == 0 and again.packs_deleted == 0
+    v = subprocess.run([sys.executable, "-m", "liverestore", "verify", "--repo", str(tmp_path / "repo")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert v.returncode == 0, v.stderr
+    assert repo.points("vm1")[0].id == p2.id and p1.id not in {p.id for p in repo.points()}
+
+
+def test_a_repository_of_loose_chunks_reads_and_takes_new_backups(
+    tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    root = tmp_path / "repo"
+    repo = Repository.init(root, BS)
+    disk = tmp_path / "d.raw"
+    first = _random_disk(disk, 4 * MiB, seed=4)
+    p1, stats1 = run_backup(repo, "vm1", [disk], [])
+    # turn it into a repository as the version before packs wrote it: one object per chunk
+    index = repo.chunks.reload()
+    for cid, where in index.by_chunk.items():
+        repo.backend.save(Handle("chunks", cid), repo.chunks.load_raw(where, cid))
+    for f in _files(root / "packs") + _files(root / "index"):
+        f.unlink()
+    cfg = json.loads((root / "repository.json").read_text())
+    (root / "repository.json").write_text(json.dumps({**cfg, "version": 1}))
+    repo.close()
+
+    old = Repository.open(root)
+    agent = start_agent(old, p1)
+    c = NbdClient("127.0.0.1", agent.port, "vm1/d")
+    assert c.read(0, 4 * MiB) == first
+    c.close()
+    agent.close()  # p1 is no longer served: it can be forgotten
+    second = _random_disk(disk, 4 * MiB, seed=5, base=first, change=0.5)
+    p2, stats = run_backup(old, "vm1", [disk], [])
+    assert 0 < stats.bytes_new_stored < 0.75 * stats1.bytes_new_stored  # the unchanged half is not stored again
+    assert _files(root / "packs"), "new chunks go to packs"
+    forget(old, "vm1", keep_last=1, keep_daily=0, keep_weekly=0, apply=True)
+    report = prune(old)
+    assert report.chunks_deleted > 0 and len(_files(root / "chunks")) < len(index.by_chunk)
+    agent2 = start_agent(old, p2, cache_dir=tmp_path / "cache2")
+    c = NbdClient("127.0.0.1", agent2.port, "vm1/d")
+    assert c.read(0, 4 * MiB) == second
+    c.close()
+    v = subprocess.run([sys.executable, "-m", "liverestore", "verify", "--repo", str(root)],
+                       capture_output=True, text=True)  # fmt: skip
+    assert v.returncode == 0, v.stderr
+    old.close()
