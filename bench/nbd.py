@@ -42,7 +42,7 @@ def _wait_port(port: int | None, sock: Path | None, timeout: float = 20) -> None
 
 
 @contextmanager
-def server(kind: str, raw: Path, repo: Path, tmp: Path, unix: bool) -> Iterator[str]:
+def server(kind: str, raw: Path, repo: str | Path, tmp: Path, unix: bool) -> Iterator[str]:
     port = _free_port()
     sock = tmp / f"{kind}.sock"
     sock.unlink(missing_ok=True)

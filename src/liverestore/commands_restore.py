@@ -50,8 +50,8 @@ def render_report(r: RestoreReport) -> str:
         f"{r.time_to_boot_s:.2f} s ({r.boot_after_launch_s:.2f} s after launch; up by {r.boot_detected_by})",
         f"  {r.vm_identity}",
         f"  phases: {phases}",
-        f"  repository: {r.blocks_fetched} blocks, {r.bytes_fetched / 2**20:.1f} MiB fetched "
-        f"({r.bytes_fetched_stored / 2**20:.1f} MiB transferred)",
+        f"  repository: {r.blocks_fetched} blocks in {r.repository_requests} requests, "
+        f"{r.bytes_fetched / 2**20:.1f} MiB fetched ({r.bytes_fetched_stored / 2**20:.1f} MiB transferred)",
     ]
     if r.mode == "instant":
         lines.append(

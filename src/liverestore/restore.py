@@ -116,6 +116,7 @@ class RestoreReport:
     bytes_fetched: int = 0
     bytes_fetched_stored: int = 0
     blocks_fetched: int = 0
+    repository_requests: int = 0  # ranged reads: neighbouring blocks of a pack share one
     reads: int = 0
     reads_from_cache: int = 0
     reads_from_repository: int = 0
@@ -226,6 +227,7 @@ async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: 
             got = await source.fetch(manifest, idx)
             os.pwrite(fd, got.data, idx * manifest.block_size)
             report.blocks_fetched += 1
+            report.repository_requests = fetcher.requests
             report.bytes_fetched += len(got.data)
             report.bytes_fetched_stored += got.stored_bytes
 
@@ -569,6 +571,7 @@ class InstantRestore:
         r.bytes_fetched += m.bytes_fetched
         r.bytes_fetched_stored += m.bytes_fetched_stored
         r.blocks_fetched += m.blocks_fetched
+        r.repository_requests += self.agent.fetcher.requests
         r.reads, r.reads_from_cache, r.reads_from_repository = m.reads, m.read_hits, m.read_misses
         r.hit_rate = round(m.hit_rate, 4)
         r.read_latency_p50_ms = m.guest_latency.percentile(0.5)

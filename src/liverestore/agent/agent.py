@@ -219,6 +219,7 @@ class MediaAgent:
                 "available": self.retrying.available,
                 "outages": self.retrying.outages,
                 "retries": self.retrying.retries,
+                "requests": self.fetcher.requests,
             },
             "scheduler": self.scheduler.snapshot(),
             "metrics": self.metrics.as_dict(),

@@ -46,6 +46,8 @@ class AgentCollector:
         yield counter("read_errors", "Reads answered with an error", m.read_errors)
         yield counter("writes", "NBD writes into the copy-on-write area", m.writes)
         yield counter("repository_fetched_bytes", "Block bytes fetched from the repository", m.bytes_fetched)
+        yield counter("repository_requests", "Ranged reads sent to the repository (neighbouring blocks share one)",
+                      self.agent.fetcher.requests)  # fmt: skip
         yield counter("repository_fetch_errors", "Fetches that failed (damage or outage)", m.fetch_errors)
         yield counter("repository_outages", "Times the repository became unreachable", a.retrying.outages)
         fetched = CounterMetricFamily("liverestore_repository_fetched_blocks", "Blocks fetched, by why",
