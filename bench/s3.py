@@ -50,7 +50,7 @@ async def _restore(repo: Repository, work: Path, tag: str, relocate: bool, profi
 def _plain_download(s3: SeaweedFS, prefix: str) -> tuple[float, int]:
     """Seconds and bytes for boto3 to fetch every pack object under ``prefix`` the way boto3's
     own transfer manager downloads large objects: 8 MiB ranged GETs, here 32 at a time."""
-    client = s3.client()
+    client = s3.client(pool=32)
     parts = [(o["Key"], off, min(PART, o["Size"] - off))
              for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{prefix}/packs/")
              for o in page.get("Contents", []) for off in range(0, o["Size"], PART)]  # fmt: skip

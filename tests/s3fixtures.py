@@ -79,13 +79,14 @@ class SeaweedFS:
             self.proc.wait(30)
         self.proc = None
 
-    def client(self) -> Any:
+    def client(self, pool: int = 10) -> Any:
         import boto3
         from botocore.config import Config
 
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="liverestore",
                             aws_secret_access_key="liverestore-test", region_name="us-east-1",
-                            config=Config(retries={"max_attempts": 1}, connect_timeout=2))  # fmt: skip
+                            config=Config(retries={"max_attempts": 1}, connect_timeout=2,
+                                          max_pool_connections=pool))  # fmt: skip
 
     def env(self) -> dict[str, str]:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "liverestore",
