@@ -9,7 +9,7 @@ import time
 
 from liverestore.agent.concurrency import AdaptiveLimit
 from liverestore.agent.scheduler import FetchClass, FetchScheduler, Job
-from liverestore.agent.source import Fetched, ThrottledSource
+from liverestore.agent.source import Fetched, Sink, ThrottledSource
 from liverestore.repository import DiskManifest
 
 KiB, MiB = 1024, 1024 * 1024
@@ -21,7 +21,7 @@ class InstantStore:
     def __init__(self, block: int) -> None:
         self.block = block
 
-    async def fetch(self, manifest: DiskManifest, index: int) -> Fetched:
+    async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
         return Fetched(b"", self.block)
 
 

@@ -212,6 +212,13 @@ def _prepare_dest(dest: Path, point: RestorePoint, placement: Placement) -> None
         )
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: RestoreOptions,
                     report: RestoreReport) -> None:
     """Copy every allocated block of a disk to ``path`` (written as ``.partial``, renamed when
@@ -224,8 +231,7 @@ async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: 
         os.ftruncate(fd, manifest.virtual_size)
 
         async def copy(idx: int) -> None:
-            got = await source.fetch(manifest, idx)
-            os.pwrite(fd, got.data, idx * manifest.block_size)
+            got = await source.fetch(manifest, idx, lambda data: _pwrite_all(fd, data, idx * manifest.block_size))
             report.blocks_fetched += 1
             report.repository_requests = fetcher.requests
             report.bytes_fetched += len(got.data)

@@ -82,20 +82,20 @@ class DiskExport:
         if self.present(idx):
             return
         cid = self.manifest.blocks[idx]
-        try:
-            got = await self.source.fetch(self.manifest, idx)
+        offset = idx * self.block_size
+        try:  # the block is written into the cache by the fetch thread, off the event loop
+            got = await self.source.fetch(self.manifest, idx, lambda data: self.read_cache.pwrite(data, offset))
         except (IntegrityError, RepositoryError) as e:
             self.metrics.fetch_errors += 1
             log.error("%s: block %d (chunk %s) cannot be served: %s", self.name, idx, cid, e)
             raise ExportError(p.EIO, f"block {idx}: {e}") from None
-        try:
-            self.read_cache.write_block(idx, got.data)
         except OSError as e:  # e.g. the cache filesystem filled up: fail this read, keep serving
             log.error("%s: cannot write block %d to the cache %s: %s", self.name, idx, self.read_cache.data_path,
                       e.strerror)  # fmt: skip
             raise ExportError(
                 p.ENOSPC if e.errno == errno.ENOSPC else p.EIO, f"cache write failed: {e.strerror}"
             ) from None
+        self.read_cache.mark(idx)  # only now: a bit is never set before its block is written
         self.metrics.record_fetch(str(cls), len(got.data), got.stored_bytes)
 
     def prefetch(self, blocks: Iterable[int], cls: FetchClass) -> list[asyncio.Future[None]]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from liverestore.errors import RepositoryUnavailable
+from liverestore.errors import IntegrityError, RepositoryUnavailable
 from liverestore.repository import DiskManifest, Repository
 from liverestore.repository.chunkstore import Want, plan_runs
 
@@ -23,12 +24,24 @@ log = logging.getLogger("liverestore.source")
 
 @dataclass(frozen=True)
 class Fetched:
+    """A block, already handed to the fetch's sink when it had one."""
+
     data: bytes
     stored_bytes: int
 
 
+Sink = Callable[[bytes], None]
+"""Where a fetched block goes (the read-cache file at its offset). It is called in the fetch
+thread that decoded the block, so the write leaves the event loop free to serve reads; it may
+raise OSError (a full cache disk), which fails that fetch alone."""
+
+
 class BlockSource(Protocol):
-    async def fetch(self, manifest: DiskManifest, index: int) -> Fetched: ...
+    async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched: ...
+
+
+_Taker = tuple["asyncio.Future[Fetched]", "Sink | None"]
+_Loaded = list[tuple[bytes, int] | IntegrityError]
 
 
 class RepositorySource:
@@ -42,11 +55,11 @@ class RepositorySource:
     def __init__(self, repo: Repository, io_threads: int = 32) -> None:
         self.repo = repo
         self.requests = 0  # ranged reads issued (the benchmarks count requests per GiB)
-        self._waiting: list[tuple[Want, asyncio.Future[Fetched]]] = []
+        self._waiting: list[tuple[Want, asyncio.Future[Fetched], Sink | None]] = []
         self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="fetch")
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def fetch(self, manifest: DiskManifest, index: int) -> Fetched:
+    async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
         cid = manifest.blocks[index]
         assert cid is not None, "zero blocks are never fetched"
         loop = asyncio.get_running_loop()
@@ -55,46 +68,66 @@ class RepositorySource:
         if want is None:  # first use (the index is read), a chunk the index lacks, or a loose chunk
             want = await loop.run_in_executor(self._pool, self.repo.chunks.want, cid, size)
         fut: asyncio.Future[Fetched] = loop.create_future()
-        self._waiting.append((want, fut))
+        self._waiting.append((want, fut, sink))
         if len(self._waiting) == 1:
             loop.call_soon(self._dispatch)  # after the other fetches started in this turn
         return await fut
 
     def _dispatch(self) -> None:
         waiting, self._waiting = self._waiting, []
-        futures: dict[str, list[asyncio.Future[Fetched]]] = {}
-        for want, fut in waiting:
-            futures.setdefault(want.cid, []).append(fut)
-        unique = list({w.cid: w for w, _ in waiting}.values())
+        takers: dict[str, list[_Taker]] = {}
+        for want, fut, sink in waiting:
+            takers.setdefault(want.cid, []).append((fut, sink))
+        unique = list({w.cid: w for w, _, _ in waiting}.values())
         loop = asyncio.get_running_loop()
         for run in plan_runs(unique):
             self.requests += 1
-            task = loop.create_task(self._load(run, {w.cid: futures[w.cid] for w in run}))
+            task = loop.create_task(self._load(run, {w.cid: takers[w.cid] for w in run}))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _load(self, run: list[Want], futures: dict[str, list[asyncio.Future[Fetched]]]) -> None:
+    def _load_and_sink(self, run: list[Want], takers: dict[str, list[_Taker]]) -> tuple[_Loaded, list[list[Exception | None]]]:
+        """In a fetch thread: read the run, and hand each good block to its takers' sinks. The
+        blocks, and one outcome per taker: None, or the exception that fetch must see."""
+        results = self.repo.chunks.load_run(run)
+        outcomes: list[list[Exception | None]] = []
+        for want, got in zip(run, results, strict=True):
+            row: list[Exception | None] = []
+            for _, sink in takers[want.cid]:
+                if isinstance(got, Exception):
+                    row.append(got)
+                    continue
+                try:
+                    if sink is not None:
+                        sink(got[0])
+                    row.append(None)
+                except OSError as e:
+                    row.append(e)
+            outcomes.append(row)
+        return results, outcomes
+
+    async def _load(self, run: list[Want], takers: dict[str, list[_Taker]]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._pool, self.repo.chunks.load_run, run)
+            results, outcomes = await loop.run_in_executor(self._pool, self._load_and_sink, run, takers)
         except asyncio.CancelledError:
-            for futs in futures.values():
-                for f in futs:
+            for entries in takers.values():
+                for f, _ in entries:
                     f.cancel()
             raise
         except Exception as e:  # a transport failure: every chunk of the run sees it
-            for futs in futures.values():
-                for f in futs:
+            for entries in takers.values():
+                for f, _ in entries:
                     if not f.done():
                         f.set_exception(e)
             return
-        for want, got in zip(run, results, strict=True):
-            for f in futures[want.cid]:
+        for want, got, row in zip(run, results, outcomes, strict=True):
+            for (f, _), failure in zip(takers[want.cid], row, strict=True):
                 if f.done():
                     continue
-                if isinstance(got, Exception):
-                    f.set_exception(got)
-                else:
+                if failure is not None:
+                    f.set_exception(failure)
+                elif not isinstance(got, Exception):
                     f.set_result(Fetched(*got))
 
     def close(self) -> None:
@@ -108,10 +141,10 @@ class ThrottledSource:
         self.bytes_per_s = mbps * 1_000_000 / 8 if mbps > 0 else 0.0
         self._link_free_at = 0.0
 
-    async def fetch(self, manifest: DiskManifest, index: int) -> Fetched:
+    async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
         if self.latency:
             await asyncio.sleep(self.latency)
-        got = await self.inner.fetch(manifest, index)
+        got = await self.inner.fetch(manifest, index, sink)
         if self.bytes_per_s:
             # one shared link: transfers queue behind each other, as on a real WAN/SAN port
             now = time.monotonic()
@@ -134,12 +167,12 @@ class RetryingSource:
         self.retries = 0
         self.available = True
 
-    async def fetch(self, manifest: DiskManifest, index: int) -> Fetched:
+    async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
         start = time.monotonic()
         delay = 0.05
         while True:
             try:
-                got = await self.inner.fetch(manifest, index)
+                got = await self.inner.fetch(manifest, index, sink)
             except RepositoryUnavailable as e:
                 waited = time.monotonic() - start
                 if waited >= self.deadline_s:
