@@ -107,7 +107,7 @@ def backup_disk(
     """A disk file read whole: every allocated block is read and hashed again (the ids of the
     previous point only spare the writes)."""
     bs = repo.block_size
-    known = {c for c in previous.blocks if c} if previous and previous.block_size == bs else set()
+    known = previous.chunk_ids() if previous and previous.block_size == bs else set()
     with open_as_raw(path, declared_format) as (raw, fmt, size):
         fd = os.open(raw, os.O_RDONLY)
         try:

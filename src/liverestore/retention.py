@@ -123,7 +123,7 @@ def prune(repo: Repository, apply: bool = True) -> PruneReport:
                 manifests[d.manifest_id] = d
         for d in manifests.values():
             try:
-                chunks.update(c for c in repo.load_manifest(d).blocks if c)
+                chunks.update(repo.load_manifest(d).chunk_ids())
             except RepositoryError as e:
                 raise LiverestoreError(f"prune stopped, nothing deleted: {e}") from None
         report.manifests_kept, report.chunks_kept = len(manifests), len(chunks)

@@ -55,10 +55,9 @@ def verify_repository(repo: Repository, vm: str | None = None) -> VerifyReport:
                 report.problems.append(f"{where} disk {rec.name}: {e}")
                 continue
             report.manifests += 1
-            for idx, cid in enumerate(manifest.blocks):
-                if cid is not None:
-                    sizes[cid] = manifest.block_length(idx)
-                    users.setdefault(cid, []).append(f"{where} disk {rec.name} block {idx}")
+            for idx, cid in manifest.chunks():
+                sizes[cid] = manifest.block_length(idx)
+                users.setdefault(cid, []).append(f"{where} disk {rec.name} block {idx}")
         for cfg in point.record.configs:
             sizes[cfg.chunk_id] = cfg.size
             users.setdefault(cfg.chunk_id, []).append(f"{where} config {cfg.filename}")

@@ -12,8 +12,9 @@ import errno
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
+from typing import Any
 
 from liverestore.agent.blockfile import BlockFile
 from liverestore.agent.metrics import Metrics
@@ -63,10 +64,11 @@ class DiskExport:
         )
         self._cow_lock = asyncio.Lock()
         self.read_observers: list[Callable[[int, int], None]] = []  # e.g. the set-3 cursor tracker
+        self._background: set[asyncio.Task[None]] = set()  # set 2's copier; stopped by ``close``
 
     # -- block bookkeeping ---------------------------------------------------------------------
     def present(self, idx: int) -> bool:
-        return self.manifest.blocks[idx] is None or self.read_cache.has(idx)
+        return not self.manifest.is_allocated(idx) or self.read_cache.has(idx)
 
     def blocks_of(self, offset: int, length: int) -> range:
         if length <= 0:
@@ -81,7 +83,7 @@ class DiskExport:
     async def _fill(self, idx: int, cls: FetchClass) -> None:
         if self.present(idx):
             return
-        cid = self.manifest.blocks[idx]
+        cid = self.manifest.chunk(idx)
         offset = idx * self.block_size
         try:  # the block is written into the cache by the fetch thread, off the event loop
             got = await self.source.fetch(self.manifest, idx, lambda data: self.read_cache.pwrite(data, offset))
@@ -107,6 +109,11 @@ class DiskExport:
                 fut.add_done_callback(_swallow)
                 futs.append(fut)
         return futs
+
+    def run_in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- NBD export interface ------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes | FileSlice:
@@ -203,7 +210,7 @@ class DiskExport:
         extents: list[tuple[int, int]] = []
         end, pos = offset + length, offset
         for i in self.blocks_of(offset, length):
-            allocated = self.manifest.blocks[i] is not None or (self.cow is not None and self.cow.has(i))
+            allocated = self.manifest.is_allocated(i) or (self.cow is not None and self.cow.has(i))
             flags = 0 if allocated else p.STATE_HOLE | p.STATE_ZERO
             seg_end = min(end, (i + 1) * self.block_size)
             if extents and extents[-1][1] == flags:
@@ -235,6 +242,8 @@ class DiskExport:
             cow.mark(idx)
 
     def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
         self.read_cache.close()
         if self.cow:
             self.cow.close()

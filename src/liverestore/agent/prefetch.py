@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 from liverestore.agent.export import DiskExport
 from liverestore.agent.scheduler import FetchClass
@@ -20,14 +21,35 @@ log = logging.getLogger("liverestore.prefetch")
 MIRROR_READ_MIN = 512 * 1024  # reads at least this long are taken to be the mirror's
 
 
-def relocation_order(export: DiskExport) -> list[int]:
-    """The order the mirror will copy in: allocated blocks, ascending."""
-    return list(export.manifest.allocated_blocks())
+BACKGROUND_WINDOW = 256  # set 2's blocks queued at once: enough to fill idle slots, not the disk
+
+
+def relocation_order(export: DiskExport) -> Sequence[int]:
+    """The order the mirror will copy in: allocated blocks, ascending (the manifest's own array)."""
+    return export.manifest.allocated_index
 
 
 def start_background(export: DiskExport) -> int:
-    """Set 2: queue every block not yet cached, in relocation order, at the lowest priority."""
-    return len(export.prefetch(relocation_order(export), FetchClass.PREFETCH))
+    """Set 2: copy every block not yet cached, in relocation order, at the lowest priority; the
+    number of blocks it will copy. It streams: at most ``BACKGROUND_WINDOW`` blocks are queued at
+    a time, so memory does not grow with the disk (one queued fetch per block of a 1 TiB disk
+    would be gigabytes)."""
+    todo = sum(1 for i in relocation_order(export) if not export.present(i))
+    if todo:
+        export.run_in_background(_copy_in_order(export))
+    return todo
+
+
+async def _copy_in_order(export: DiskExport) -> None:
+    outstanding: set[asyncio.Future[None]] = set()
+    for idx in relocation_order(export):
+        if export.present(idx):
+            continue
+        outstanding.update(export.prefetch((idx,), FetchClass.PREFETCH))
+        if len(outstanding) >= BACKGROUND_WINDOW:
+            _, outstanding = await asyncio.wait(outstanding, return_when=asyncio.FIRST_COMPLETED)
+    if outstanding:
+        await asyncio.wait(outstanding)
 
 
 class RelocationPrefetcher:

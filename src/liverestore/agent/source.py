@@ -60,7 +60,7 @@ class RepositorySource:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
-        cid = manifest.blocks[index]
+        cid = manifest.chunk(index)
         assert cid is not None, "zero blocks are never fetched"
         loop = asyncio.get_running_loop()
         size = manifest.block_length(index)

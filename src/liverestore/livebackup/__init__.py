@@ -293,10 +293,10 @@ def _read_and_commit(repo: Repository, dom: Any, vm: str, jobdir: Path, disks: l
                 for i in range(bmap.count):
                     if bmap.zeroed(i):
                         blocks[i] = None
-                known = {c for c in prev.blocks if c}
+                known = prev.chunk_ids()
             else:
                 blocks = [None] * bmap.count
-                known = {c for c in prev.blocks if c} if prev is not None else set()
+                known = prev.chunk_ids() if prev is not None else set()
             manifest = store_disk(repo, d.target, reader.size, read_blocks(reader, bmap), blocks, known, stats,
                                   progress, d.fmt)  # fmt: skip
         except (NbdClientError, OSError) as e:
