@@ -231,6 +231,8 @@ class MediaAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._persist_task
         await self.server.close()
+        for e in self.exports.values():
+            await e.stop_background()
         await self.scheduler.close()
         self.fetcher.close()
         for e in self.exports.values():

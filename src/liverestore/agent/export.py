@@ -115,6 +115,13 @@ class DiskExport:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    async def stop_background(self) -> None:
+        """Stop set 2's copier before the scheduler closes (it would queue more fetches)."""
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     # -- NBD export interface ------------------------------------------------------------------
     async def read(self, offset: int, length: int) -> bytes | FileSlice:
         t0 = time.monotonic()
