@@ -17,7 +17,7 @@ from liverestore.agent.prefetch import BACKGROUND_WINDOW, start_background
 from liverestore.agent.scheduler import FetchClass
 from liverestore.backup import run_backup
 from liverestore.errors import IntegrityError
-from liverestore.repository import DiskManifest, Repository
+from liverestore.repository import DiskManifest, Repository, RestorePoint
 from tests.conftest import AgentFactory
 from tests.helpers import MiB
 from tests.nbdclient import NbdClient
@@ -100,3 +100,22 @@ def test_set2_streams_a_window_not_the_whole_disk(tmp_path: Path, start_agent: A
     assert got == disk.read_bytes()  # every block came through set 2 intact
     c.close()
     assert agent.agent.metrics.fetched_by_class.get("prefetch") == 1024
+
+
+def test_block_status_jumps_holes_and_matches_a_block_walk(
+    repo: Repository, point: RestorePoint, start_agent: AgentFactory
+) -> None:
+    export = start_agent(repo, point).agent.exports["vm1/disk0"]
+    m, bs = export.manifest, export.block_size
+    rnd = random.Random(5)
+    for _ in range(300):
+        offset = rnd.randrange(0, m.virtual_size)
+        length = rnd.randrange(1, m.virtual_size - offset + 1)
+        walk: list[tuple[int, int]] = []
+        pos = offset
+        for i in range(offset // bs, (offset + length - 1) // bs + 1):
+            seg = min(offset + length, (i + 1) * bs) - pos
+            flags = 0 if m.is_allocated(i) else 3  # HOLE | ZERO
+            walk[-1:] = [(walk[-1][0] + seg, flags)] if walk and walk[-1][1] == flags else [*walk[-1:], (seg, flags)]
+            pos += seg
+        assert export.block_status(offset, length) == walk, (offset, length)

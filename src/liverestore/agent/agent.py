@@ -13,6 +13,7 @@ from pathlib import Path
 
 from liverestore.agent.concurrency import AdaptiveLimit
 from liverestore.agent.export import DiskExport
+from liverestore.agent.malloc import limit_arenas
 from liverestore.agent.metrics import Metrics
 from liverestore.agent.nbd.export import ExportError
 from liverestore.agent.nbd.server import NbdServer
@@ -90,6 +91,7 @@ class MediaAgent:
             slots=config.fetch_slots or 32, mode=config.mode,
             adaptive=AdaptiveLimit() if config.fetch_slots is None else None,
         )  # fmt: skip
+        limit_arenas()  # before the fetch threads exist (see malloc.py)
         self.fetcher = RepositorySource(repo)
         self.retrying = RetryingSource(emulate_link(self.fetcher, config.repo_latency_ms, config.repo_mbps),
                                        deadline_s=config.repo_retry_s)  # fmt: skip

@@ -8,6 +8,7 @@ granularity — the repository is never written by the agent.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import functools
 import logging
@@ -214,6 +215,8 @@ class DiskExport:
         await asyncio.gather(*self.prefetch(self.blocks_of(offset, length), FetchClass.PREFETCH))
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        if self.cow is None:
+            return self._backup_extents(offset, length)
         extents: list[tuple[int, int]] = []
         end, pos = offset + length, offset
         for i in self.blocks_of(offset, length):
@@ -228,6 +231,35 @@ class DiskExport:
         return extents
 
     # -- internals -----------------------------------------------------------------------------
+    def _backup_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Extents from the manifest's allocated blocks alone: it jumps over holes, so a 1 TiB
+        disk with little data answers at once instead of walking 16 million blocks."""
+        bs, end, pos = self.block_size, offset + length, offset
+        alloc = self.manifest.allocated_index
+        k = bisect.bisect_left(alloc, offset // bs)
+        extents: list[tuple[int, int]] = []
+
+        def add(n: int, flags: int) -> None:
+            if extents and extents[-1][1] == flags:
+                extents[-1] = (extents[-1][0] + n, flags)
+            elif n > 0:
+                extents.append((n, flags))
+
+        while pos < end:
+            if k < len(alloc) and alloc[k] * bs < end:
+                start = max(pos, alloc[k] * bs)
+                add(start - pos, p.STATE_HOLE | p.STATE_ZERO)
+                j = k
+                while j + 1 < len(alloc) and alloc[j + 1] == alloc[j] + 1 and alloc[j + 1] * bs < end:
+                    j += 1
+                pos = min(end, (alloc[j] + 1) * bs)
+                add(pos - start, 0)
+                k = j + 1
+            else:
+                add(end - pos, p.STATE_HOLE | p.STATE_ZERO)
+                pos = end
+        return extents
+
     def _require_cow(self) -> BlockFile:
         if self.cow is None:
             raise ExportError(p.EPERM, "export is read-only")
