@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import platform
+import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +72,15 @@ def bar_chart(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGINT (a server's clean shutdown), then SIGKILL if it lingers."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> float:

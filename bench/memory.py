@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import MiB, bar_chart, write_results
+from bench.common import MiB, bar_chart, stop_process, write_results
 from bench.nbd import _free_port, _wait_port
 from liverestore.backup import run_backup
 from liverestore.repository import Repository
@@ -55,11 +54,7 @@ def _peak_rss(repo: Path, work: Path) -> tuple[int, float]:
         hwm = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
         return hwm, secs
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 20)
         shutil.rmtree(work / "cache", ignore_errors=True)
 
 

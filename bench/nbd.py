@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.common import MiB, bar_chart, timed, write_results
+from bench.common import MiB, bar_chart, stop_process, timed, write_results
 
 
 def _free_port() -> int:
@@ -66,11 +65,7 @@ def server(kind: str, raw: Path, repo: str | Path, tmp: Path, unix: bool) -> Ite
         _wait_port(port, sock if unix else None)
         yield f"nbd+unix:///{export}?socket={sock}" if unix else f"nbd://127.0.0.1:{port}/{export}"
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 def run(quick: bool) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from liverestore.repository.backend import Handle, LocalBackend
 
 def chunk_file(repo: Repository, cid: str) -> tuple[Path, int, int]:
     """(pack file, offset, length) of a chunk of a local repository."""
-    where = repo.chunks.reload().by_chunk[cid]
-    assert where.pack is not None and isinstance(repo.backend, LocalBackend)
+    where = repo.chunks.reload().get(cid)
+    assert where is not None and where.pack is not None and isinstance(repo.backend, LocalBackend)
     return repo.backend.path(Handle("packs", where.pack)), where.offset, where.length
 
 

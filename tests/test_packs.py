@@ -96,7 +96,9 @@ def test_a_repository_of_loose_chunks_reads_and_takes_new_backups(
     p1, stats1 = run_backup(repo, "vm1", [disk], [])
     # turn it into a repository as the version before packs wrote it: one object per chunk
     index = repo.chunks.reload()
-    for cid, where in index.by_chunk.items():
+    for cid in list(index.chunk_ids()):
+        where = index.get(cid)
+        assert where is not None
         repo.backend.save(Handle("chunks", cid), repo.chunks.load_raw(where, cid))
     for f in _files(root / "packs") + _files(root / "index"):
         f.unlink()
@@ -116,7 +118,7 @@ def test_a_repository_of_loose_chunks_reads_and_takes_new_backups(
     assert _files(root / "packs"), "new chunks go to packs"
     forget(old, "vm1", keep_last=1, keep_daily=0, keep_weekly=0, apply=True)
     report = prune(old)
-    assert report.chunks_deleted > 0 and len(_files(root / "chunks")) < len(index.by_chunk)
+    assert report.chunks_deleted > 0 and len(_files(root / "chunks")) < len(index)
     agent2 = start_agent(old, p2, cache_dir=tmp_path / "cache2")
     c = NbdClient("127.0.0.1", agent2.port, "vm1/d")
     assert c.read(0, 4 * MiB) == second

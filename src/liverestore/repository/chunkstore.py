@@ -18,11 +18,11 @@ which are still read.
 
 from __future__ import annotations
 
-import json
 import logging
+import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -72,32 +72,78 @@ class Want:
 
 
 class PackIndex:
-    """Every index object read so far, merged: chunk id → location, pack → its chunks."""
+    """Every index object read so far, merged into chunk id → location.
 
-    def __init__(self) -> None:
-        self.by_chunk: dict[str, Location] = {}
-        self.packs: dict[str, list[tuple[str, int, int]]] = {}
+    Held compactly because an agent keeps it while it serves: a 32-byte key and one integer
+    (pack number, offset, length) per chunk, the pack names once. With ``entries`` (prune) it
+    also keeps every pack's full list, duplicates included."""
+
+    def __init__(self, keep_entries: bool = False) -> None:
+        self._where: dict[bytes, int] = {}
+        self._pack_ids: list[str] = []
+        self._pack_no: dict[str, int] = {}
+        self.entries: dict[str, list[tuple[str, int, int]]] | None = {} if keep_entries else None
         self.objects: set[str] = set()  # index objects already read
         self.problems: list[str] = []  # unreadable index objects (verify reports them)
 
-    def add(self, pack: str, entries: Iterable[tuple[str, int, int]]) -> None:
-        listed = self.packs.setdefault(pack, [])
-        for cid, offset, length in entries:
-            listed.append((cid, offset, length))
-            self.by_chunk.setdefault(cid, Location(pack, offset, length))
+    def add(self, pack: str, entries: Iterable[tuple[bytes, int, int]]) -> None:
+        no = self._pack_no.get(pack)
+        if no is None:
+            no = self._pack_no[pack] = len(self._pack_ids)
+            self._pack_ids.append(pack)
+        listed = self.entries.setdefault(pack, []) if self.entries is not None else None
+        for key, offset, length in entries:
+            self._where.setdefault(key, no << 64 | offset << 32 | length)
+            if listed is not None:
+                listed.append((key.hex(), offset, length))
+
+    def get(self, cid: str) -> Location | None:
+        packed = self._where.get(bytes.fromhex(cid))
+        if packed is None:
+            return None
+        return Location(self._pack_ids[packed >> 64], (packed >> 32) & 0xFFFFFFFF, packed & 0xFFFFFFFF)
+
+    def __contains__(self, cid: object) -> bool:
+        return isinstance(cid, str) and bytes.fromhex(cid) in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def chunk_ids(self) -> Iterator[str]:
+        return (key.hex() for key in self._where)
+
+    def has_pack(self, pack: str) -> bool:
+        return pack in self._pack_no
+
+
+_INDEX_MAGIC = b"LRINDEX1"
+_COUNT = struct.Struct("<I")
+_ENTRY = struct.Struct("<32sII")
 
 
 def _encode_index(packs: dict[str, list[tuple[str, int, int]]]) -> bytes:
-    doc = {"version": 1, "packs": [{"id": p, "chunks": [list(e) for e in es]} for p, es in packs.items()]}
-    return bytes(zstandard.ZstdCompressor(level=3).compress(json.dumps(doc).encode()))
+    """Binary, so reading a big index makes no Python object per entry beyond what is kept:
+    magic, then per pack its 32-byte id, a count and (32-byte chunk id, offset, length) each."""
+    out = bytearray(_INDEX_MAGIC)
+    for pack, entries in packs.items():
+        out += bytes.fromhex(pack) + _COUNT.pack(len(entries))
+        for cid, offset, length in entries:
+            out += _ENTRY.pack(bytes.fromhex(cid), offset, length)
+    return bytes(zstandard.ZstdCompressor(level=3).compress(bytes(out)))
 
 
-def _decode_index(blob: bytes) -> dict[str, list[tuple[str, int, int]]]:
-    doc = json.loads(zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 30))
-    out: dict[str, list[tuple[str, int, int]]] = {}
-    for p in doc["packs"]:
-        out[_check_id(str(p["id"]))] = [(_check_id(str(c)), int(o), int(n)) for c, o, n in p["chunks"]]
-    return out
+def _decode_index(blob: bytes) -> Iterator[tuple[str, Iterator[tuple[bytes, int, int]]]]:
+    data = memoryview(zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 31))
+    if data[: len(_INDEX_MAGIC)] != _INDEX_MAGIC:
+        raise ValueError("not an index object")
+    pos = len(_INDEX_MAGIC)
+    while pos < len(data):
+        pack = bytes(data[pos : pos + 32]).hex()
+        (count,) = _COUNT.unpack_from(data, pos + 32)
+        first, pos = pos + 36, pos + 36 + count * _ENTRY.size
+        if pos > len(data) or len(pack) != 64:
+            raise ValueError("truncated index object")
+        yield pack, (_ENTRY.unpack_from(data, first + k * _ENTRY.size) for k in range(count))
 
 
 class ChunkStore:
@@ -156,48 +202,55 @@ class ChunkStore:
         """Read the index objects not read yet (another process may have committed a backup)."""
         with self._index_lock:
             index = self._index or PackIndex()
-            for name in self.backend.list("index"):
-                if name in index.objects:
-                    continue
-                try:
-                    packs = self.load_index_object(name)
-                except ObjectMissing:
-                    continue  # replaced by a prune since the listing
-                except (IntegrityError, RepositoryError, ValueError, KeyError, TypeError) as e:
-                    if isinstance(e, RepositoryUnavailable):
-                        raise
-                    problem = f"index object {name} is unreadable ({type(e).__name__}: {e})"
-                    if problem not in index.problems:
-                        index.problems.append(problem)
-                        log.error("%s", problem)
-                    continue
-                index.objects.add(name)
-                for pack, entries in packs.items():
-                    index.add(pack, entries)
+            self._read_index_objects(index)
             self._index = index
             self._last_refresh = time.monotonic()
             return index
 
-    def load_index_object(self, name: str) -> dict[str, list[tuple[str, int, int]]]:
+    def _read_index_objects(self, index: PackIndex) -> None:
+        for name in self.backend.list("index"):
+            if name in index.objects:
+                continue
+            try:
+                self.load_index_object(name, index)
+            except ObjectMissing:
+                continue  # replaced by a prune since the listing
+            except (IntegrityError, RepositoryError, ValueError, KeyError, TypeError) as e:
+                if isinstance(e, RepositoryUnavailable):
+                    raise
+                problem = f"index object {name} is unreadable ({type(e).__name__}: {e})"
+                if problem not in index.problems:
+                    index.problems.append(problem)
+                    log.error("%s", problem)
+                continue
+            index.objects.add(name)
+
+    def load_index_object(self, name: str, into: PackIndex) -> None:
+        """Read one index object into ``into``, streaming: no object per entry beyond the kept key.
+        Its hash (or seal) is checked first, so damage never gets as far as the decoder."""
         blob = self.backend.load(Handle("index", name))
         if self.key:
             blob = self.key.open(blob, f"index {name}")
         elif chunk_id(blob) != name:
             raise IntegrityError("content does not match its hash")
-        return _decode_index(blob)
+        for pack, entries in _decode_index(blob):
+            into.add(pack, entries)
 
-    def reload(self) -> PackIndex:
-        """Read the whole index again from scratch: a prune may have moved chunks to new packs."""
+    def reload(self, keep_entries: bool = False) -> PackIndex:
+        """Read the whole index again from scratch: a prune may have moved chunks to new packs.
+        ``keep_entries``: also every pack's list (prune needs it)."""
         with self._index_lock:
-            self._index = None
-            self._last_reload = time.monotonic()
-        return self.refresh()
+            index = PackIndex(keep_entries)
+            self._read_index_objects(index)
+            self._index = index
+            self._last_reload = self._last_refresh = time.monotonic()
+            return index
 
     def locate(self, cid: str) -> Location | None:
         """Where ``cid`` is stored; None when no index names it (a loose chunk, or none at all)."""
-        where = self.index().by_chunk.get(cid)
+        where = self.index().get(cid)
         if where is None and time.monotonic() - self._last_refresh >= _REFRESH_MIN_S:
-            where = self.refresh().by_chunk.get(cid)
+            where = self.refresh().get(cid)
         return where
 
     def _where(self, cid: str) -> Location:
@@ -214,7 +267,7 @@ class ChunkStore:
         """Store ``data`` unless present; return (chunk id, bytes newly written). Stored bytes
         are durable, and readable by others, only after ``flush``."""
         cid = _check_id(cid or self.id_of(data))
-        if cid in self.index().by_chunk or cid in self._pending_ids:
+        if cid in self._pending_ids or cid in self.index():
             return cid, 0
         blob = self._compressor().compress(data)
         if self.key:
@@ -222,23 +275,22 @@ class ChunkStore:
         with self._write_lock:
             if cid in self._pending_ids:
                 return cid, 0
-            self._pending_ids.add(cid)
-            self._buffer_entries.append((cid, self._buffer_size, len(blob)))
-            self._buffer.append(blob)
-            self._buffer_size += len(blob)
-            if self._buffer_size >= PACK_TARGET:
-                self._seal_pack()
+            self._append(cid, blob)
         return cid, len(blob)
 
     def put_blob(self, cid: str, blob: bytes) -> None:
         """Append an already stored chunk's bytes as they are (repacking: no recompression)."""
         with self._write_lock:
-            self._pending_ids.add(cid)
-            self._buffer_entries.append((cid, self._buffer_size, len(blob)))
-            self._buffer.append(blob)
-            self._buffer_size += len(blob)
-            if self._buffer_size >= PACK_TARGET:
-                self._seal_pack()
+            self._append(cid, blob)
+
+    def _append(self, cid: str, blob: bytes) -> None:
+        """Add a stored chunk to the open pack (caller holds the write lock)."""
+        self._pending_ids.add(cid)
+        self._buffer_entries.append((cid, self._buffer_size, len(blob)))
+        self._buffer.append(blob)
+        self._buffer_size += len(blob)
+        if self._buffer_size >= PACK_TARGET:
+            self._seal_pack()
 
     def _seal_pack(self) -> None:
         """Hand the open pack to the uploader (caller holds the write lock)."""
@@ -270,7 +322,7 @@ class ChunkStore:
         with self._index_lock:
             index.objects.add(name)
             for pack, entries in self._unindexed.items():
-                index.add(pack, entries)
+                index.add(pack, ((bytes.fromhex(c), o, n) for c, o, n in entries))
         self._unindexed = {}
 
     def write_index(self, packs: dict[str, list[tuple[str, int, int]]]) -> str:
@@ -314,7 +366,7 @@ class ChunkStore:
 
     def cached_want(self, cid: str, size: int) -> Want | None:
         """``want`` from the index in memory alone, or None: safe on an event loop."""
-        where = self._index.by_chunk.get(cid) if self._index is not None else None
+        where = self._index.get(cid) if self._index is not None else None
         return Want(cid, size, where) if where is not None else None
 
     def load_run(self, run: Sequence[Want], moved_ok: bool = True) -> list[tuple[bytes, int] | IntegrityError]:
@@ -336,7 +388,7 @@ class ChunkStore:
         try:
             data = self.backend.load(h, first.offset, span)
         except ObjectMissing:
-            if moved_ok and time.monotonic() - self._last_reload >= _REFRESH_MIN_S and first.pack not in self.reload().packs:
+            if moved_ok and time.monotonic() - self._last_reload >= _REFRESH_MIN_S and not self.reload().has_pack(first.pack):
                 return self._load_moved(run)
             return [IntegrityError(f"chunk {w.cid} is missing from the repository (object packs/{first.pack} "
                                    "is gone)") for w in run]  # fmt: skip
@@ -388,7 +440,7 @@ class ChunkStore:
     def iter_ids(self) -> list[str]:
         """Every chunk stored: those the index names, then loose ones."""
         index = self.refresh()
-        return list(index.by_chunk) + [c for c in self.backend.list("chunks") if c not in index.by_chunk]
+        return list(index.chunk_ids()) + [c for c in self.backend.list("chunks") if c not in index]
 
 
 def plan_runs(wants: Sequence[Want], max_gap: int = 256 * 1024, max_span: int = 8 * 1024 * 1024) -> list[list[Want]]:
@@ -424,15 +476,16 @@ def prune_packs(store: ChunkStore, live: set[str], apply: bool, repack_below: fl
     are kept whole. Order makes a prune killed anywhere harmless: new packs, then an index of
     every live chunk, then the old index objects, then the packs nothing names any more."""
     report = PackPrune()
-    index = store.reload()
+    index = store.reload(keep_entries=True)
+    assert index.entries is not None
     old_objects = set(index.objects)  # the repack's own index joins ``index`` below: not to be deleted
     stored = set(store.backend.list("packs"))
     keep: dict[str, list[tuple[str, int, int]]] = {}
     repack: list[tuple[str, Location]] = []
-    drop: set[str] = set(stored - set(index.packs))  # unindexed: left by a backup that died
+    drop: set[str] = set(stored - set(index.entries))  # unindexed: left by a backup that died
     report.bytes_deleted += sum(store.backend.stat(Handle("packs", p)) or 0 for p in drop)
-    for pack, entries in index.packs.items():
-        mine = [e for e in entries if e[0] in live and index.by_chunk[e[0]].pack == pack]
+    for pack, entries in index.entries.items():
+        mine = [e for e in entries if e[0] in live and (w := index.get(e[0])) is not None and w.pack == pack]
         total = sum(n for _, _, n in entries)
         used = sum(n for _, _, n in mine)
         report.chunks_deleted += len(entries) - len(mine)
