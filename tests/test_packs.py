@@ -13,6 +13,7 @@ from pathlib import Path
 from liverestore.backup import run_backup
 from liverestore.repository import Repository
 from liverestore.repository.backend import Handle
+from liverestore.repository.chunkstore import PackIndex
 from liverestore.retention import forget, prune
 from tests.conftest import AgentFactory
 from tests.helpers import MiB
@@ -127,3 +128,20 @@ def test_a_repository_of_loose_chunks_reads_and_takes_new_backups(
                        capture_output=True, text=True)  # fmt: skip
     assert v.returncode == 0, v.stderr
     old.close()
+
+
+def test_the_index_finds_every_chunk_and_the_first_copy_wins() -> None:
+    rnd = random.Random(6)
+    keys = [rnd.randbytes(32) for _ in range(5000)]
+    index = PackIndex()
+    index.add("ab" * 32, ((k, i * 100, 100) for i, k in enumerate(keys)))
+    index.seal()
+    index.add("cd" * 32, [(keys[7], 0, 50), (b"\x00" * 32, 10, 20)])  # keys[7] stored twice
+    index.seal()
+    assert len(index) == 5002 and sum(1 for _ in index.chunk_ids()) == 5001
+    for i in rnd.sample(range(5000), 500):
+        where = index.get(keys[i].hex())
+        assert where is not None and (where.pack, where.offset, where.length) == ("ab" * 32, i * 100, 100)
+    zero = index.get("00" * 32)
+    assert zero is not None and zero.pack == "cd" * 32 and zero.offset == 10
+    assert rnd.randbytes(32).hex() not in index and index.has_pack("cd" * 32) and not index.has_pack("ef" * 32)

@@ -103,6 +103,7 @@ class MediaAgent:
         try:
             self._lock_fd = lock_cache_dir(self.cache_dir)
             self._open_exports(disks)
+            repo.chunks.index()  # read now: the first guest read must not wait for it
         except BaseException:  # undo in reverse: exports, the cache lock, the lease
             for e in self.exports.values():
                 e.close()

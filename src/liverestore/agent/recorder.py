@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-MAX_EVENTS = 500_000  # the newest reads are kept (~50 MB); a boot is a few thousand
+MAX_EVENTS = 100_000  # the newest reads are kept (~15 MB at most); a boot is a few thousand
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ import logging
 import struct
 import threading
 import time
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,17 +72,25 @@ class Want:
     where: Location
 
 
+_RECORD = struct.Struct("<32sIII")  # chunk id, pack number, offset, length
+
+
 class PackIndex:
     """Every index object read so far, merged into chunk id → location.
 
-    Held compactly because an agent keeps it while it serves: a 32-byte key and one integer
-    (pack number, offset, length) per chunk, the pack names once. With ``entries`` (prune) it
-    also keeps every pack's full list, duplicates included."""
+    Held as flat records, because an agent keeps it while it serves: 44 bytes a chunk (a dict
+    of Python objects took about 250). Chunk ids are uniform hashes, so the records are grouped
+    into buckets by their leading bits — about four records a bucket — and a lookup scans one
+    bucket. ``add`` collects records; ``seal`` regroups them and publishes the new table in one
+    assignment, so lookups from other threads never see half of it. The first record of a chunk
+    wins (a chunk stored twice is found where it was first indexed). With ``keep_entries``
+    (prune) it also keeps every pack's full list, duplicates included."""
 
     def __init__(self, keep_entries: bool = False) -> None:
-        self._where: dict[bytes, int] = {}
         self._pack_ids: list[str] = []
         self._pack_no: dict[str, int] = {}
+        self._pending = bytearray()
+        self._table: tuple[bytes, array[int], int] = (b"", array("I", [0, 0]), 0)  # records, bucket starts, bits
         self.entries: dict[str, list[tuple[str, int, int]]] | None = {} if keep_entries else None
         self.objects: set[str] = set()  # index objects already read
         self.problems: list[str] = []  # unreadable index objects (verify reports them)
@@ -93,24 +102,61 @@ class PackIndex:
             self._pack_ids.append(pack)
         listed = self.entries.setdefault(pack, []) if self.entries is not None else None
         for key, offset, length in entries:
-            self._where.setdefault(key, no << 64 | offset << 32 | length)
+            self._pending += _RECORD.pack(key, no, offset, length)
             if listed is not None:
                 listed.append((key.hex(), offset, length))
 
+    def seal(self) -> None:
+        """Regroup every record (old ones first, in their order, then the added ones)."""
+        if not self._pending:
+            return
+        old = self._table[0]
+        size = _RECORD.size
+        n = (len(old) + len(self._pending)) // size
+        bits = max(0, (n // 4).bit_length())
+        counts = array("I", bytes(4 * ((1 << bits) + 1)))
+        for source in (old, self._pending):
+            for r in range(0, len(source), size):
+                counts[int.from_bytes(source[r : r + 4], "big") >> (32 - bits) if bits else 0] += 1
+        starts = array("I", bytes(4 * ((1 << bits) + 1)))
+        for b in range(1 << bits):
+            starts[b + 1] = starts[b] + counts[b]
+        fill = array("I", starts)
+        grouped = bytearray(n * size)
+        for source in (old, self._pending):
+            for r in range(0, len(source), size):
+                b = int.from_bytes(source[r : r + 4], "big") >> (32 - bits) if bits else 0
+                at = fill[b] * size
+                grouped[at : at + size] = source[r : r + size]
+                fill[b] += 1
+        self._table = (bytes(grouped), starts, bits)
+        self._pending = bytearray()
+
     def get(self, cid: str) -> Location | None:
-        packed = self._where.get(bytes.fromhex(cid))
-        if packed is None:
-            return None
-        return Location(self._pack_ids[packed >> 64], (packed >> 32) & 0xFFFFFFFF, packed & 0xFFFFFFFF)
+        key = bytes.fromhex(cid)
+        records, starts, bits = self._table
+        b = int.from_bytes(key[:4], "big") >> (32 - bits) if bits else 0
+        size = _RECORD.size
+        for at in range(starts[b] * size, starts[b + 1] * size, size):
+            if records[at : at + 32] == key:
+                _, no, offset, length = _RECORD.unpack_from(records, at)
+                return Location(self._pack_ids[no], offset, length)
+        return None
 
     def __contains__(self, cid: object) -> bool:
-        return isinstance(cid, str) and bytes.fromhex(cid) in self._where
+        return isinstance(cid, str) and self.get(cid) is not None
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._table[0]) // _RECORD.size
 
     def chunk_ids(self) -> Iterator[str]:
-        return (key.hex() for key in self._where)
+        """Each indexed chunk once."""
+        records, seen = self._table[0], set()
+        for at in range(0, len(records), _RECORD.size):
+            key = records[at : at + 32]
+            if key not in seen:
+                seen.add(key)
+                yield key.hex()
 
     def has_pack(self, pack: str) -> bool:
         return pack in self._pack_no
@@ -224,6 +270,7 @@ class ChunkStore:
                     log.error("%s", problem)
                 continue
             index.objects.add(name)
+        index.seal()
 
     def load_index_object(self, name: str, into: PackIndex) -> None:
         """Read one index object into ``into``, streaming: no object per entry beyond the kept key.
@@ -323,6 +370,7 @@ class ChunkStore:
             index.objects.add(name)
             for pack, entries in self._unindexed.items():
                 index.add(pack, ((bytes.fromhex(c), o, n) for c, o, n in entries))
+            index.seal()
         self._unindexed = {}
 
     def write_index(self, packs: dict[str, list[tuple[str, int, int]]]) -> str:
