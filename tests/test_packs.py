@@ -145,3 +145,22 @@ def test_the_index_finds_every_chunk_and_the_first_copy_wins() -> None:
     zero = index.get("00" * 32)
     assert zero is not None and zero.pack == "cd" * 32 and zero.offset == 10
     assert rnd.randbytes(32).hex() not in index and index.has_pack("cd" * 32) and not index.has_pack("ef" * 32)
+
+
+def test_a_damaged_index_object_stops_prune_and_is_named_by_verify(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    repo = Repository.init(root, BS)
+    disk = tmp_path / "d.raw"
+    _random_disk(disk, 2 * MiB, seed=7)
+    run_backup(repo, "vm1", [disk], [])
+    _random_disk(disk, 2 * MiB, seed=8)
+    run_backup(repo, "vm2", [disk], [])
+    first = sorted(_files(root / "index"), key=lambda f: f.stat().st_mtime)[0]
+    first.write_bytes(first.read_bytes()[:-5])  # its packs are now named by nothing readable
+    packs_before = sorted(_files(root / "packs"))
+    lr = [sys.executable, "-m", "liverestore"]
+    r = subprocess.run([*lr, "prune", "--repo", str(root)], capture_output=True, text=True)
+    assert r.returncode == 1 and "prune stopped, nothing deleted: index object" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and sorted(_files(root / "packs")) == packs_before
+    v = subprocess.run([*lr, "verify", "--repo", str(root)], capture_output=True, text=True)
+    assert v.returncode == 1 and f"index object {first.name} is unreadable" in v.stderr, v.stderr

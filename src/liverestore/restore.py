@@ -233,7 +233,6 @@ async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: 
         async def copy(idx: int) -> None:
             got = await source.fetch(manifest, idx, lambda data: _pwrite_all(fd, data, idx * manifest.block_size))
             report.blocks_fetched += 1
-            report.repository_requests = fetcher.requests
             report.bytes_fetched += len(got.data)
             report.bytes_fetched_stored += got.stored_bytes
 
@@ -257,6 +256,7 @@ async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: 
     finally:
         os.close(fd)
         fetcher.close()
+        report.repository_requests += fetcher.requests
     os.replace(partial, path)
 
 

@@ -127,6 +127,9 @@ def prune(repo: Repository, apply: bool = True) -> PruneReport:
             except RepositoryError as e:
                 raise LiverestoreError(f"prune stopped, nothing deleted: {e}") from None
         report.manifests_kept, report.chunks_kept = len(manifests), len(chunks)
+        unreadable = repo.chunks.reload().problems  # an index it cannot read may name live packs
+        if unreadable:
+            raise LiverestoreError(f"prune stopped, nothing deleted: {unreadable[0]}")
         for cid in list(repo.backend.list("chunks")):  # loose chunks of a repository from before packs
             if cid in chunks:
                 continue

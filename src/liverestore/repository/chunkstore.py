@@ -526,6 +526,8 @@ def prune_packs(store: ChunkStore, live: set[str], apply: bool, repack_below: fl
     report = PackPrune()
     index = store.reload(keep_entries=True)
     assert index.entries is not None
+    if index.problems:  # a pack only that index names would look unindexed, and be deleted
+        raise RepositoryError(f"prune stopped, nothing deleted: {index.problems[0]}")
     old_objects = set(index.objects)  # the repack's own index joins ``index`` below: not to be deleted
     stored = set(store.backend.list("packs"))
     keep: dict[str, list[tuple[str, int, int]]] = {}
