@@ -74,6 +74,18 @@ def bar_chart(
     return path
 
 
+def write_spread(path: Path, size: int, allocated: int, extent: int, data: Callable[[], bytes]) -> None:
+    """A sparse file of ``size`` bytes with ``allocated`` of them written, ``extent`` at a time
+    (each from ``data()``), spread evenly: real disks are not written front to back."""
+    extents = allocated // extent
+    stride = size // extents
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(extents):
+            f.seek(i * stride)
+            f.write(data())
+
+
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
     """SIGINT (a server's clean shutdown), then SIGKILL if it lingers."""
     proc.send_signal(signal.SIGINT)

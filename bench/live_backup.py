@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import MiB, bar_chart, write_results
+from bench.common import MiB, bar_chart, write_results, write_spread
 from liverestore.backup import run_backup
 from liverestore.hypervisor.console import type_into_pty
 from liverestore.hypervisor.libvirt_driver import libvirt_module, open_connection
@@ -35,13 +35,7 @@ EXTENT = 64 * MiB
 def _data_disk(path: Path, virtual: int, allocated: int) -> None:
     """A qcow2 disk with ``allocated`` bytes of random data in extents spread over ``virtual``."""
     raw = path.with_suffix(".raw")
-    extents = allocated // EXTENT
-    stride = virtual // extents
-    with open(raw, "wb") as f:
-        f.truncate(virtual)
-        for i in range(extents):
-            f.seek(i * stride)
-            f.write(os.urandom(EXTENT))
+    write_spread(raw, virtual, allocated, EXTENT, lambda: os.urandom(EXTENT))
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(path)], check=True)
     raw.unlink()
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import MiB, bar_chart, stop_process, write_results
+from bench.common import MiB, bar_chart, stop_process, write_results, write_spread
 from bench.nbd import _free_port, _wait_port
 from liverestore.backup import run_backup
 from liverestore.repository import Repository
@@ -28,13 +28,7 @@ BS = 64 * 1024
 def _sparse_disk(path: Path, size: int, allocated: int, seed: int) -> None:
     """``allocated`` bytes of half-compressible 64 KiB blocks spread in 1 MiB extents over ``size``."""
     rnd = random.Random(seed)
-    extents = allocated // MiB
-    stride = size // extents
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for k in range(extents):
-            f.seek(k * stride)
-            f.write(b"".join(rnd.randbytes(BS // 2) * 2 for _ in range(MiB // BS)))
+    write_spread(path, size, allocated, MiB, lambda: b"".join(rnd.randbytes(BS // 2) * 2 for _ in range(MiB // BS)))
 
 
 def _peak_rss(repo: Path, work: Path) -> tuple[int, float]:
