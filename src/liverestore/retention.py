@@ -127,9 +127,11 @@ def prune(repo: Repository, apply: bool = True) -> PruneReport:
             except RepositoryError as e:
                 raise LiverestoreError(f"prune stopped, nothing deleted: {e}") from None
         report.manifests_kept, report.chunks_kept = len(manifests), len(chunks)
-        unreadable = repo.chunks.reload().problems  # an index it cannot read may name live packs
-        if unreadable:
-            raise LiverestoreError(f"prune stopped, nothing deleted: {unreadable[0]}")
+        # packs first: it reads the index once and stops, deleting nothing, on an unreadable index
+        packs = prune_packs(repo.chunks, chunks, apply)
+        report.chunks_deleted += packs.chunks_deleted
+        report.bytes_deleted += packs.bytes_deleted
+        report.packs_deleted, report.packs_repacked = packs.packs_deleted, packs.packs_repacked
         for cid in list(repo.backend.list("chunks")):  # loose chunks of a repository from before packs
             if cid in chunks:
                 continue
@@ -138,10 +140,6 @@ def prune(repo: Repository, apply: bool = True) -> PruneReport:
             report.bytes_deleted += repo.backend.stat(h) or 0
             if apply:
                 repo.backend.remove(h)
-        packs = prune_packs(repo.chunks, chunks, apply)
-        report.chunks_deleted += packs.chunks_deleted
-        report.bytes_deleted += packs.bytes_deleted
-        report.packs_deleted, report.packs_repacked = packs.packs_deleted, packs.packs_repacked
         for mid in list(repo.backend.list("manifests")):
             if mid not in manifests:
                 report.manifests_deleted += 1

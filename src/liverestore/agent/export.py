@@ -220,13 +220,9 @@ class DiskExport:
         extents: list[tuple[int, int]] = []
         end, pos = offset + length, offset
         for i in self.blocks_of(offset, length):
-            allocated = self.manifest.is_allocated(i) or (self.cow is not None and self.cow.has(i))
-            flags = 0 if allocated else p.STATE_HOLE | p.STATE_ZERO
+            allocated = self.manifest.is_allocated(i) or self.cow.has(i)
             seg_end = min(end, (i + 1) * self.block_size)
-            if extents and extents[-1][1] == flags:
-                extents[-1] = (extents[-1][0] + seg_end - pos, flags)
-            else:
-                extents.append((seg_end - pos, flags))
+            _add_extent(extents, seg_end - pos, 0 if allocated else p.STATE_HOLE | p.STATE_ZERO)
             pos = seg_end
         return extents
 
@@ -238,25 +234,18 @@ class DiskExport:
         alloc = self.manifest.allocated_index
         k = bisect.bisect_left(alloc, offset // bs)
         extents: list[tuple[int, int]] = []
-
-        def add(n: int, flags: int) -> None:
-            if extents and extents[-1][1] == flags:
-                extents[-1] = (extents[-1][0] + n, flags)
-            elif n > 0:
-                extents.append((n, flags))
-
         while pos < end:
             if k < len(alloc) and alloc[k] * bs < end:
                 start = max(pos, alloc[k] * bs)
-                add(start - pos, p.STATE_HOLE | p.STATE_ZERO)
+                _add_extent(extents, start - pos, p.STATE_HOLE | p.STATE_ZERO)
                 j = k
                 while j + 1 < len(alloc) and alloc[j + 1] == alloc[j] + 1 and alloc[j + 1] * bs < end:
                     j += 1
                 pos = min(end, (alloc[j] + 1) * bs)
-                add(pos - start, 0)
+                _add_extent(extents, pos - start, 0)
                 k = j + 1
             else:
-                add(end - pos, p.STATE_HOLE | p.STATE_ZERO)
+                _add_extent(extents, end - pos, p.STATE_HOLE | p.STATE_ZERO)
                 pos = end
         return extents
 
@@ -286,6 +275,14 @@ class DiskExport:
         self.read_cache.close()
         if self.cow:
             self.cow.close()
+
+
+def _add_extent(extents: list[tuple[int, int]], n: int, flags: int) -> None:
+    """Append ``n`` bytes of ``flags``, merged into the last extent when it has the same flags."""
+    if extents and extents[-1][1] == flags:
+        extents[-1] = (extents[-1][0] + n, flags)
+    elif n > 0:
+        extents.append((n, flags))
 
 
 def _swallow(fut: asyncio.Future[None]) -> None:

@@ -261,9 +261,9 @@ class ChunkStore:
                 self.load_index_object(name, index)
             except ObjectMissing:
                 continue  # replaced by a prune since the listing
-            except (IntegrityError, RepositoryError, ValueError, KeyError, TypeError) as e:
-                if isinstance(e, RepositoryUnavailable):
-                    raise
+            except RepositoryUnavailable:
+                raise
+            except (RepositoryError, ValueError, KeyError, TypeError) as e:
                 problem = f"index object {name} is unreadable ({type(e).__name__}: {e})"
                 if problem not in index.problems:
                     index.problems.append(problem)
@@ -376,7 +376,7 @@ class ChunkStore:
     def write_index(self, packs: dict[str, list[tuple[str, int, int]]]) -> str:
         """One index object naming ``packs``; its name."""
         blob = _encode_index(packs)
-        name = self.key.object_id(blob) if self.key else chunk_id(blob)
+        name = self.id_of(blob)
         self.backend.save(Handle("index", name), self.key.seal(blob, f"index {name}") if self.key else blob)
         return name
 
@@ -403,7 +403,7 @@ class ChunkStore:
 
     def fetch(self, cid: str, expected_size: int) -> tuple[bytes, int]:
         """(data, stored bytes) of one chunk, verified: one request, however far the store is."""
-        got = self.load_run([Want(cid, expected_size, self._where(cid))])[0]
+        got = self.load_run([self.want(cid, expected_size)])[0]
         if isinstance(got, Exception):
             raise got
         return got

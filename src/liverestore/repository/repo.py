@@ -222,7 +222,7 @@ class Repository:
     # -- manifests -----------------------------------------------------------------------------
     def store_manifest(self, manifest: DiskManifest) -> DiskRecord:
         blob = manifest.to_bytes()
-        mid = self.key.object_id(blob) if self.key else str(blake3.blake3(blob).hexdigest())
+        mid = self.chunks.id_of(blob)
         h = Handle("manifests", mid)
         if self.backend.stat(h) is None:
             self.backend.save(h, self.seal_object(blob, f"manifest {mid}"))
@@ -242,7 +242,7 @@ class Repository:
             raise RepositoryError(f"manifest {label} is missing") from None
         except IntegrityError as e:
             raise RepositoryError(f"manifest {label}: {e}") from None
-        digest = self.key.object_id(blob) if self.key else blake3.blake3(blob).hexdigest()
+        digest = self.chunks.id_of(blob)
         if len(blob) != disk.manifest_size or digest != disk.manifest_id:
             raise RepositoryError(f"manifest {label} is corrupt (does not match its hash)")
         return DiskManifest.from_bytes(blob, label)
