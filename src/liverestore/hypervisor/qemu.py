@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
+from qemu.qmp.protocol import ConnectError
+from qemu.qmp.qmp_client import GreetingError
 
 from liverestore.errors import LiverestoreError
 from liverestore.hypervisor.base import DiskAttachment, JobProgress, wait_until_stopped
@@ -35,6 +37,7 @@ from liverestore.hypervisor.vmspec import DiskSpec, VmSpec
 log = logging.getLogger("liverestore.qemu")
 
 NBD_RECONNECT_DELAY_S = 15  # QEMU retries a lost agent this long before failing guest I/O
+_QMP_CONNECT_ATTEMPTS = 5
 
 
 class QemuVM:
@@ -135,6 +138,7 @@ class QemuVM:
             binary, "-name", f"{spec.name},process=qemu:{spec.name}", "-accel", self.accel,
             "-machine", spec.machine or "pc", "-m", str(spec.memory_mib), "-smp", str(spec.vcpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-pidfile", str(self.pidfile),
+            "-S",  # paused until QMP is up: see _connect_qmp
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             "-chardev", f"socket,id=ser0,path={self.serial_sock},server=on,wait=off,logfile={self.serial_log}",
             "-serial", "chardev:ser0",
@@ -156,8 +160,17 @@ class QemuVM:
                 *args, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
             )
         await self._connect_qmp()
+        await self.execute("cont")
         log.info("%s", self.describe())
+
     async def _connect_qmp(self) -> None:
+        """Connect and negotiate, tolerating QEMU 7.2's greeting race.
+
+        QEMU's monitor handles a new connection in its I/O thread while the main loop may emit an
+        event on it before the greeting is out (a data race fixed upstream only in 2025), and
+        qemu.qmp then fails on a first line with no ``QMP`` member. A VM we launch is paused (-S)
+        until we are connected, so its guest raises no events; a running one we adopt may, and a
+        fresh connection gets a fresh greeting."""
         deadline = time.monotonic() + 30
         while not self.qmp_path.exists():
             if not self.running:
@@ -165,8 +178,19 @@ class QemuVM:
             if time.monotonic() > deadline:
                 raise LiverestoreError("QEMU did not open its QMP socket within 30 s")
             await asyncio.sleep(0.02)
-        self.qmp = QMPClient("liverestore")
-        await self.qmp.connect(str(self.qmp_path))
+        for attempt in range(1, _QMP_CONNECT_ATTEMPTS + 1):
+            self.qmp = QMPClient("liverestore")
+            try:
+                await self.qmp.connect(str(self.qmp_path))
+                return
+            except ConnectError as e:
+                with contextlib.suppress(Exception):
+                    await self.qmp.disconnect()
+                self.qmp = None
+                if not isinstance(e.exc, GreetingError) or attempt == _QMP_CONNECT_ATTEMPTS:
+                    raise LiverestoreError(f"cannot talk to QEMU over {self.qmp_path}: {e}") from None
+                log.info("QEMU's QMP greeting was garbled (%s); reconnecting", e.exc)
+                await asyncio.sleep(0.1 * attempt)
 
     def _stderr_tail(self) -> str:
         try:
