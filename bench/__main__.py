@@ -8,12 +8,25 @@ import logging
 import sys
 import time
 
-from bench import boot, encryption, ingest, latency, libvirt_boot, live_backup, memory, nbd, relocation, s3
+from bench import (
+    boot,
+    encryption,
+    ingest,
+    latency,
+    libvirt_boot,
+    live_backup,
+    mass_restore,
+    memory,
+    nbd,
+    relocation,
+    s3,
+)
 from bench.common import RESULTS
 
 BENCHMARKS = {"ingest": ingest.run, "nbd": nbd.run, "latency": latency.run, "relocation": relocation.run,
               "boot": boot.run, "libvirt_boot": libvirt_boot.run, "s3": s3.run,
-              "live_backup": live_backup.run, "encryption": encryption.run, "memory": memory.run}  # fmt: skip
+              "live_backup": live_backup.run, "encryption": encryption.run, "memory": memory.run,
+              "mass_restore": mass_restore.run}  # fmt: skip
 
 
 def main() -> int:

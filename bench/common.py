@@ -86,7 +86,7 @@ def write_spread(path: Path, size: int, allocated: int, extent: int, data: Calla
             f.write(data())
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10) -> None:
     """SIGINT (a server's clean shutdown), then SIGKILL if it lingers."""
     proc.send_signal(signal.SIGINT)
     try:

@@ -38,7 +38,7 @@ def make_disk(path: Path, size: int = 64 * MiB, seed: int = 1) -> bytes:
 class AgentThread:
     """A MediaAgent on its own event loop in a thread, so blocking clients can run in the test."""
 
-    def __init__(self, repo: Repository, point: RestorePoint, config: AgentConfig) -> None:
+    def __init__(self, repo: Repository, point: RestorePoint | list[RestorePoint], config: AgentConfig) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

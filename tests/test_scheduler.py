@@ -8,6 +8,8 @@ import random
 import time
 from pathlib import Path
 
+import pytest
+
 from liverestore.agent.scheduler import FetchClass, FetchScheduler, Job, Mode
 from liverestore.backup import run_backup
 from liverestore.repository import Repository, RestorePoint
@@ -116,3 +118,58 @@ def test_demand_promotes_a_queued_prefetch_and_fetches_once() -> None:
     names = [n for n, _ in runs]
     assert "dup" not in names and names.count("k4") == 1
     assert runs[2] == ("k4", FetchClass.DEMAND)  # promoted ahead of k0..k3
+
+
+def _tenant_order(setup: list[tuple[str, str, FetchClass]], modes: dict[str, Mode] | None = None) -> list[str]:
+    """Start order of (name, tenant, class) jobs queued behind two busy slots."""
+    order: list[str] = []
+
+    async def main() -> None:
+        sched = FetchScheduler(slots=2, mode=Mode.DEMAND_FIRST)
+        for tenant, mode in (modes or {}).items():
+            sched.set_mode(mode, tenant)
+        gate = asyncio.Event()
+
+        def job(name: str) -> Job:
+            async def run(_cls: FetchClass) -> None:
+                order.append(name)
+                await gate.wait()
+                await asyncio.sleep(0)
+
+            return run
+
+        blockers = [sched.submit(f"block{i}", FetchClass.DEMAND, job(f"block{i}"), "z") for i in range(2)]
+        futs = [sched.submit(name, cls, job(name), tenant) for name, tenant, cls in setup]
+        gate.set()
+        await asyncio.gather(*blockers, *futs)
+
+    asyncio.run(main())
+    return order[2:]
+
+
+def test_tenants_take_turns_and_background_waits_for_every_tenant() -> None:
+    """VM a floods the scheduler with guest reads and has set 2 queued; VM b's few reads, queued
+    last, still start every other slot, and a's set 2 waits until nobody's reads are waiting."""
+    jobs = [(f"a{i}", "a", FetchClass.DEMAND) for i in range(4)] + [("a-pre", "a", FetchClass.PREFETCH)]
+    jobs += [(f"b{i}", "b", FetchClass.DEMAND) for i in range(2)]
+    assert _tenant_order(jobs) == ["a0", "b0", "a1", "b1", "a2", "a3", "a-pre"]
+
+
+def test_fair_mode_of_one_tenant_shares_only_its_own_turns() -> None:
+    """a relocates (fair: its guest reads and set 3 alternate), b boots (demand-first); b is
+    offered every other slot whatever a queues."""
+    jobs = [(f"ar{i}", "a", FetchClass.RELOCATION) for i in range(3)] + [("ad0", "a", FetchClass.DEMAND)]
+    jobs += [(f"b{i}", "b", FetchClass.DEMAND) for i in range(3)]
+    order = _tenant_order(jobs, {"a": Mode.FAIR})
+    assert order == ["ad0", "b0", "ar0", "b1", "ar1", "b2", "ar2"]
+    # without the per-tenant mode, a's set 3 is background: after every guest read of both
+    assert _tenant_order(jobs) == ["ad0", "b0", "b1", "b2", "ar0", "ar1", "ar2"]
+
+
+def test_fifo_is_agent_wide() -> None:
+    async def main() -> None:
+        sched = FetchScheduler(slots=2)
+        with pytest.raises(ValueError, match="agent-wide"):
+            sched.set_mode(Mode.FIFO, "a")
+
+    asyncio.run(main())

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from liverestore.errors import LiverestoreError
+from liverestore.names import vm_at_point
 
 log = logging.getLogger("liverestore")
 
@@ -205,8 +206,9 @@ def list_cmd(repo_path: str, as_json: bool) -> None:
 
 @cli.command()
 @repo_option
-@click.option("--vm", required=True)
-@click.option("--point", default=None, help="Restore point id (default: latest).")
+@click.option("--vm", "vms", required=True, multiple=True,
+              help="VM to serve, VM@POINT for one of its points; repeat it to serve several at once.")  # fmt: skip
+@click.option("--point", default=None, help="Restore point id (default: latest); with one --vm.")
 @click.option(
     "--listen", default="127.0.0.1:10809", show_default=True, help="NBD address HOST:PORT or unix:PATH."
 )
@@ -229,7 +231,7 @@ def list_cmd(repo_path: str, as_json: bool) -> None:
               help="A file holding the token every control request must carry (needed beyond loopback).")  # fmt: skip
 def serve(
     repo_path: str,
-    vm: str,
+    vms: tuple[str, ...],
     point: str | None,
     listen: str,
     control: str | None,
@@ -245,7 +247,9 @@ def serve(
     insecure: bool,
     control_token_file: Path | None,
 ) -> None:
-    """Serve a restore point's disks over NBD as exports VM/DISK."""
+    """Serve restore points' disks over NBD as exports VM/DISK (VM@POINT/DISK where one VM is served
+    at several points). Several points share one port, one read-cache budget and the repository
+    link, fairly: one VM's relocation or background copy does not slow another VM's boot."""
     from liverestore.agent.agent import AgentConfig, MediaAgent
     from liverestore.agent.control import ControlServer
     from liverestore.agent.nbd.tls import TlsPolicy, is_loopback, server_context
@@ -255,8 +259,10 @@ def serve(
         raise LiverestoreError("--repo-latency-ms and --repo-mbps must not be negative")
     if fetch_slots is not None and fetch_slots < 2:
         raise LiverestoreError("--fetch-slots must be at least 2 (one slot is kept for guest reads)")
+    if point is not None and len(vms) > 1:
+        raise LiverestoreError("--point goes with one --vm; name several points as --vm VM@POINT")
     repo = _open_repo(repo_path)
-    rp = repo.get_point(vm, point)
+    points = [repo.get_point(*vm_at_point(v, point)) for v in vms]
     unix_path = Path(listen.removeprefix("unix:")) if listen.startswith("unix:") else None
     host, port = ("127.0.0.1", 10809) if unix_path else parse_hostport(listen, 10809)
     # the control endpoint (status, mode switch) has no authentication: loopback unless asked otherwise
@@ -281,7 +287,7 @@ def serve(
     )
 
     async def main() -> None:
-        agent = MediaAgent(repo, rp, cfg)
+        agent = MediaAgent(repo, points, cfg)
         ctl = ControlServer(agent, token)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -308,7 +314,8 @@ def serve(
             await ctl.close()
             await agent.close()
             if serving:
-                click.echo(json.dumps(agent.status()["metrics"], indent=2), err=True)
+                metrics = {f"{sp.point.vm}@{sp.point.id}": sp.metrics.as_dict() for sp in agent.served}
+                click.echo(json.dumps(metrics if len(metrics) > 1 else agent.metrics.as_dict(), indent=2), err=True)
 
     asyncio.run(main())
 

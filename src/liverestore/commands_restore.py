@@ -13,7 +13,8 @@ import click
 
 from liverestore import profile as profiles
 from liverestore.errors import LiverestoreError
-from liverestore.names import check_name
+from liverestore.mass_restore import MassRestore
+from liverestore.names import check_name, vm_at_point
 from liverestore.progress import restore_display
 from liverestore.repository import Repository
 from liverestore.restore import InstantRestore, RestoreOptions, RestoreReport, classic_restore
@@ -102,8 +103,9 @@ def parse_network_map(pairs: tuple[str, ...]) -> dict[str, str]:
 
 @click.command()
 @click.option("--repo", "repo_path", required=True, metavar="DIR|s3://BUCKET/PREFIX")
-@click.option("--vm", required=True)
-@click.option("--point", default=None, help="Restore point id (default: latest).")
+@click.option("--vm", "vms", required=True, multiple=True,
+              help="VM to restore, or VM@POINT; repeat it to restore several VMs at once from one agent.")  # fmt: skip
+@click.option("--point", default=None, help="Restore point id (default: latest); with one --vm.")
 @click.option("--instant/--classic", default=True, help="Boot from backup now (default) or copy first.")
 @click.option("--dest", type=click.Path(path_type=Path), required=True, help="Primary storage directory.")
 @click.option("--no-relocate", is_flag=True, help="Keep running from backup; do not move the disks.")
@@ -139,7 +141,14 @@ def parse_network_map(pairs: tuple[str, ...]) -> dict[str, str]:
               help="With --stop-after: seconds the guest gets to power off before it is forced off.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def restore(**kw: Any) -> None:
-    """Restore a VM: instantly from backup (then relocate live), or classically (copy, then boot)."""
+    """Restore a VM: instantly from backup (then relocate live), or classically (copy, then boot).
+    Several --vm restore several VMs at once, instantly, through one agent that shares the
+    repository fairly between them; each gets its own report."""
+    vms = kw.pop("vms")
+    if len(vms) > 1:
+        restore_several(vms, kw)
+        return
+    kw["vm"], kw["point"] = vm_at_point(vms[0], kw["point"])
     repo = Repository.open(kw["repo_path"])
     opts = options_from(kw)
 
@@ -168,6 +177,51 @@ def restore(**kw: Any) -> None:
 
     report = run_cancellable(go())
     click.echo(json.dumps(report.as_dict(), indent=2) if kw["as_json"] else render_report(report))
+
+
+def restore_several(vms: tuple[str, ...], kw: dict[str, Any]) -> None:
+    """``restore --vm A --vm B ...``: instant restores of several VMs from one agent."""
+    for flag, given in (("--point", kw["point"]), ("--name", kw["name"]), ("--resume", kw["resume"]),
+                        ("--classic", not kw["instant"])):  # fmt: skip
+        if given:
+            raise LiverestoreError(f"{flag} goes with one --vm (name points as --vm VM@POINT)")
+    options = [options_from({**kw, "vm": vm, "point": point}) for vm, point in (vm_at_point(v) for v in vms)]
+    repo = Repository.open(kw["repo_path"])
+    job = MassRestore(repo, options)
+
+    async def go() -> list[RestoreReport | BaseException]:
+        with restore_display(not kw["as_json"]) as show:
+            for r in job.restores:
+                r.on_status = show
+            try:
+                results = await job.run()
+                if not options[0].relocate and any(isinstance(r, RestoreReport) for r in results):
+                    click.echo("VMs are running from backup. Ctrl-C stops them.", err=True)
+                    while any(r.vm is not None and r.vm.running for r in job.restores):
+                        await asyncio.sleep(1)
+                return results
+            finally:
+                relocated = options[0].relocate
+                await job.close(stop_vm=kw["stop_after"] or not relocated, shutdown_timeout=kw["shutdown_timeout"])
+
+    results = run_cancellable(go())
+    failed = [(o, r) for o, r in zip(options, results, strict=True) if not isinstance(r, RestoreReport)]
+    if kw["as_json"]:
+        click.echo(json.dumps([r.as_dict() if isinstance(r, RestoreReport) else
+                               {"vm": o.vm, "error": _one_line(r)} for o, r in zip(options, results, strict=True)],
+                              indent=2))  # fmt: skip
+    else:
+        click.echo("\n".join(render_report(r) for r in results if isinstance(r, RestoreReport)))
+    for o, err in failed:
+        click.echo(f"liverestore: restore of {o.vm} failed: {_one_line(err)}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, LiverestoreError):
+        return str(e)
+    return f"internal error: {type(e).__name__}: {e}"
 
 
 @click.group()

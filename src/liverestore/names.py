@@ -14,3 +14,12 @@ def check_name(kind: str, name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def vm_at_point(spec: str, point: str | None = None) -> tuple[str, str | None]:
+    """``VM`` or ``VM@POINT`` (a point id or a unique prefix of one), as ``--vm`` takes it where
+    several VMs may be named; a bare ``VM`` gets ``point``."""
+    vm, at, pid = spec.partition("@")
+    if at and (not vm or not pid):
+        raise LiverestoreError(f"--vm {spec!r}: write VM or VM@POINT")
+    return vm, (pid if at else point)

@@ -34,7 +34,7 @@ def byte_progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
 
 @contextmanager
 def restore_display(enabled: bool) -> Iterator[Callable[[Any], None] | None]:
-    """Live one-panel view of a restore: phase, % relocated, cache hit rate, repository MB/s."""
+    """Live view of restores, a row per VM: phase, % relocated, cache hit rate, repository MB/s."""
     if not enabled or not sys.stderr.isatty():
         yield None
         return
@@ -42,17 +42,25 @@ def restore_display(enabled: bool) -> Iterator[Callable[[Any], None] | None]:
     from rich.live import Live
     from rich.table import Table
 
-    def render(s: Any) -> Table:
+    latest: dict[str, Any] = {}  # the newest status of each VM, in the order they first reported
+
+    def render() -> Table:
         t = Table.grid(padding=(0, 2))
-        t.add_row(
-            f"[bold]{s.phase}[/bold]",
-            f"{s.elapsed_s:6.1f} s",
-            f"relocated {100 * s.relocated_fraction:5.1f} %",
-            f"cache hit {100 * s.hit_rate:5.1f} %",
-            f"cached {s.cached_blocks}/{s.allocated_blocks} blocks",
-            f"repo {s.fetched_bytes / 2**20:7.1f} MiB ({s.fetch_mbps:5.1f} MB/s)",
-        )
+        for s in latest.values():
+            t.add_row(
+                *([s.name] if len(latest) > 1 else []),
+                f"[bold]{s.phase}[/bold]",
+                f"{s.elapsed_s:6.1f} s",
+                f"relocated {100 * s.relocated_fraction:5.1f} %",
+                f"cache hit {100 * s.hit_rate:5.1f} %",
+                f"cached {s.cached_blocks}/{s.allocated_blocks} blocks",
+                f"repo {s.fetched_bytes / 2**20:7.1f} MiB ({s.fetch_mbps:5.1f} MB/s)",
+            )
         return t
 
+    def update(s: Any) -> None:
+        latest[s.name] = s
+        live.update(render())
+
     with Live(console=Console(stderr=True), refresh_per_second=4, transient=False) as live:
-        yield lambda s: live.update(render(s))
+        yield update

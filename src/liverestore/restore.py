@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from liverestore import profile as profiles
-from liverestore.agent.agent import AgentConfig, MediaAgent
+from liverestore.agent.agent import AgentConfig, MediaAgent, ServedPoint
+from liverestore.agent.export import DiskExport
+from liverestore.agent.metrics import Metrics
 from liverestore.agent.nbd.tls import TlsPolicy, server_context
 from liverestore.agent.prefetch import RelocationPrefetcher, start_background
 from liverestore.agent.scheduler import FetchClass, Mode
@@ -85,6 +87,7 @@ class RestoreOptions:
 class Status:
     """What the progress display shows; refreshed twice a second."""
 
+    name: str
     phase: str
     elapsed_s: float
     relocated_fraction: float
@@ -272,6 +275,13 @@ async def restore_side_files(repo: Repository, point: RestorePoint, placement: P
         placement.nvram.write_bytes(repo.read_config(cfg))
 
 
+def agent_config(opts: RestoreOptions, cache_dir: Path) -> AgentConfig:
+    """The agent a restore starts: loopback, the emulated link if asked, TLS if asked."""
+    tls = TlsPolicy(server_context(opts.agent_tls_creds)) if opts.agent_tls_creds else None
+    return AgentConfig(cache_dir=cache_dir, repo_latency_ms=opts.repo_latency_ms, repo_mbps=opts.repo_mbps,
+                       fetch_slots=opts.fetch_slots, mode=Mode.DEMAND_FIRST, tls=tls)  # fmt: skip
+
+
 class InstantRestore:
     """One instant restore. ``run()`` drives the phases; the VM and agent stay reachable after it."""
 
@@ -287,6 +297,9 @@ class InstantRestore:
         self.name = opts.name or self.point.vm
         self.report = RestoreReport(vm=self.point.vm, point=self.point.id, mode="instant", name=self.name)
         self.agent: MediaAgent | None = None
+        self.served: ServedPoint | None = None  # this restore's point on the agent (which may serve others)
+        self._shared_agent = False
+        self._driver: Hypervisor | None = None  # opened by plan(); self.vm once launched
         self.vm: Hypervisor | None = None
         self.phase = "plan"
         self._t0 = time.monotonic()
@@ -311,14 +324,14 @@ class InstantRestore:
         self.report.phases[self.phase] = round(time.monotonic() - self._phase_t0, 3)
 
     def _emit(self) -> None:
-        if self.on_status is None or self.agent is None:
+        if self.on_status is None or self.served is None:
             return
-        m = self.agent.metrics
+        m = self.served.metrics
         elapsed = time.monotonic() - self._t0
-        cached = sum(e.read_cache.present for e in self.agent.exports.values())
-        alloc = sum(e.manifest.allocated_count for e in self.agent.exports.values())
+        cached = sum(e.read_cache.present for e in self.served.exports.values())
+        alloc = sum(e.manifest.allocated_count for e in self.served.exports.values())
         self.on_status(Status(
-            phase=self.phase, elapsed_s=elapsed, relocated_fraction=self._relocation_fraction,
+            name=self.name, phase=self.phase, elapsed_s=elapsed, relocated_fraction=self._relocation_fraction,
             hit_rate=m.hit_rate, fetched_bytes=m.bytes_fetched,
             fetch_mbps=m.bytes_fetched / 1e6 / max(elapsed, 1e-3), cached_blocks=cached, allocated_blocks=alloc,
         ))  # fmt: skip
@@ -330,23 +343,40 @@ class InstantRestore:
 
     def _start_agent(self, cache_dir: Path, disks: set[str]) -> MediaAgent:
         """The agent serves only the disks that run from backup (CD-ROMs were copied first)."""
-        opts = self.opts
-        tls = TlsPolicy(server_context(opts.agent_tls_creds)) if opts.agent_tls_creds else None
-        return MediaAgent(self.repo, self.point, AgentConfig(
-            cache_dir=cache_dir, repo_latency_ms=opts.repo_latency_ms, repo_mbps=opts.repo_mbps,
-            fetch_slots=opts.fetch_slots, mode=Mode.DEMAND_FIRST, tls=tls,
-        ), disks=disks)  # fmt: skip
+        return MediaAgent(self.repo, self.point, agent_config(self.opts, cache_dir), disks=disks)
+
+    def _use_agent(self, agent: MediaAgent, shared: bool) -> None:
+        self.agent, self._shared_agent = agent, shared
+        self.served = agent.served_point(self.point)
 
     # -- the phases ----------------------------------------------------------------------------
     async def run(self) -> RestoreReport:
+        """The whole restore, on an agent of its own."""
         try:
-            await self._run()
+            served = await self.plan()
+            await self.copy_side_files()
+            self._use_agent(self._start_agent(self.opts.cache_dir, served), shared=False)
+            assert self.agent is not None
+            await self.agent.listen("127.0.0.1", 0)
+            await self._boot_and_relocate()
         except BaseException:
             await self.abort()
             raise
         return self.report
 
-    async def _run(self) -> None:
+    async def run_on(self, agent: MediaAgent) -> RestoreReport:
+        """The phases after planning, on an agent that serves other VMs' points too (``MassRestore``)."""
+        try:
+            self._use_agent(agent, shared=True)
+            await self._boot_and_relocate()
+        except BaseException:
+            await self.abort()
+            raise
+        return self.report
+
+    async def plan(self) -> set[str]:
+        """What to run, where its disks go, and every refusal before anything starts; returns the
+        disks the agent must serve (CD-ROMs are copied instead)."""
         opts = self.opts
         # plan: what to run, where its disks go, and every refusal before anything starts
         spec = self._spec = load_spec(self.repo, self.point, opts)
@@ -358,18 +388,26 @@ class InstantRestore:
                                    "only from qemu.conf, for every domain")  # fmt: skip
         if opts.agent_tls_creds:
             server_context(opts.agent_tls_creds)  # unusable credentials: one line now, not a failed launch
-        vm = open_hypervisor(kind, uri, opts.dest / f".{self.name}.vm", opts.accel)
+        self._driver = open_hypervisor(kind, uri, opts.dest / f".{self.name}.vm", opts.accel)
         self.report.hypervisor = kind
         _prepare_dest(opts.dest, self.point, placement)
-        served = {d.name for d in self.point.record.disks if d.name not in placement.copied}
-        vm.check(spec, placement.relocated)
+        self._driver.check(spec, placement.relocated)
         log.info("restoring %s (point %s) as %s with the %s driver", self.point.vm, self.point.id, self.name, kind)
         self._created = placement.all_files
-        await restore_side_files(self.repo, self.point, placement, opts, self.report)
-        self.agent = self._start_agent(opts.cache_dir, served)
-        self.report.cache_blocks_at_start = sum(e.read_cache.present for e in self.agent.exports.values())
+        return {d.name for d in self.point.record.disks if d.name not in placement.copied}
+
+    async def copy_side_files(self) -> None:
+        assert self._placement is not None
+        await restore_side_files(self.repo, self.point, self._placement, self.opts, self.report)
+
+    async def _boot_and_relocate(self) -> None:
+        opts, vm, spec, placement = self.opts, self._driver, self._spec, self._placement
+        assert self.agent is not None and self.served is not None
+        assert vm is not None and spec is not None and placement is not None
+        exports = self.served.exports
+        self.report.cache_blocks_at_start = sum(e.read_cache.present for e in exports.values())
         self.report.cache_start = "warm" if self.report.cache_blocks_at_start else "cold"
-        port = self.nbd_port = await self.agent.listen("127.0.0.1", 0)
+        port = self.nbd_port = self.agent.port
         self._tasks.append(asyncio.create_task(self._ticker()))
         block_size = self.repo.block_size
         stored_profile = self.repo.get_profile(self.point.vm) if opts.use_profile else None
@@ -380,10 +418,8 @@ class InstantRestore:
         self._enter("prefetch")
         futs = []
         for disk, blocks in plan.items():
-            name = f"{self.point.vm}/{disk}"
-            if name in self.agent.exports:
-                futs += self.agent.prefetch(name, [b for b in blocks if b < self.agent.exports[name].manifest.block_count],
-                                            FetchClass.PREFETCH)  # fmt: skip
+            if (e := self._export_of(disk)) is not None:
+                futs += e.prefetch([b for b in blocks if b < e.manifest.block_count], FetchClass.PREFETCH)
         if futs:
             _done, pending = await asyncio.wait(futs, timeout=opts.prefetch_budget_s)
             if pending:
@@ -392,7 +428,7 @@ class InstantRestore:
             self.report.profile_prefetched = sum(
                 1
                 for disk, blocks in plan.items()
-                if (e := self.agent.exports.get(f"{self.point.vm}/{disk}")) is not None
+                if (e := self._export_of(disk)) is not None
                 for b in blocks
                 if b < e.manifest.block_count and e.present(b)
             )
@@ -406,7 +442,7 @@ class InstantRestore:
                 name=e.manifest.name, size=e.size, nbd_host="127.0.0.1", nbd_port=port, export=name,
                 overlay=vm.workdir / f"{e.manifest.name}.overlay.qcow2", tls_creds=opts.agent_tls_creds,
             )
-            for name, e in self.agent.exports.items()
+            for name, e in exports.items()
         ] + [
             DiskAttachment(name=n, size=p.stat().st_size, local_path=p) for n, p in placement.copied.items()
         ]  # fmt: skip
@@ -415,15 +451,15 @@ class InstantRestore:
         self.report.serial_log = str(vm.serial_log)
         if opts.relocate:
             self._save_state("running-from-backup")
-        booted, how = await wait_for_boot(vm, self.agent, opts, launched)
+        booted, how = await wait_for_boot(vm, self.served.metrics, opts, launched)
         self.report.boot_detected_by = how
         self.report.time_to_boot_s = round(booted - self._t0, 3)
         self.report.boot_after_launch_s = round(booted - launched, 3)
-        boot_events = self.agent.recorder.since(launched, booted)
+        boot_events = self.agent.recorder.since(launched, booted, exports.keys())
         self.report.boot_reads = len(boot_events)
         self.report.boot_reads_from_cache = sum(e.hit for e in boot_events)
         if opts.record_profile:
-            sizes = {n: e.block_size for n, e in self.agent.exports.items()}
+            sizes = {n: e.block_size for n, e in exports.items()}
             trace = {n.split("/", 1)[1]: b for n, b in profiles.blocks_from_trace(boot_events, sizes).items()}
             merged = profiles.merge_run(self.repo.get_profile(self.point.vm), trace, block_size)
             self.repo.put_profile(self.point.vm, merged)
@@ -432,7 +468,7 @@ class InstantRestore:
         # run: set 2
         self._enter("run")
         if opts.background_prefetch:
-            for e in self.agent.exports.values():
+            for e in exports.values():
                 self.report.background_queued += start_background(e)
         if not opts.relocate:
             self._finish_phase()
@@ -445,7 +481,7 @@ class InstantRestore:
 
     def _save_state(self, state: str) -> None:
         """Everything ``--resume`` needs to pick up a VM whose orchestrator died (absolute paths)."""
-        assert self.vm is not None and self.agent is not None and self._placement is not None
+        assert self.vm is not None and self.served is not None and self._placement is not None
         spec = self._spec
         assert spec is not None
         _write_state(
@@ -457,21 +493,27 @@ class InstantRestore:
             disks=[{"name": e.manifest.name, "size": e.size, "export": n,
                     "overlay": str(self.vm.workdir / f"{e.manifest.name}.overlay.qcow2"),
                     "final": str(self._placement.relocated[e.manifest.name])}
-                   for n, e in self.agent.exports.items()],
+                   for n, e in self.served.exports.items()],
             copied={n: str(p) for n, p in self._placement.copied.items()},
         )  # fmt: skip
 
+    def _export_of(self, disk: str) -> DiskExport | None:
+        assert self.served is not None
+        return next((e for e in self.served.exports.values() if e.manifest.name == disk), None)
+
     async def _relocate_and_pivot(self, restart_mirror: bool) -> None:
-        assert self.agent is not None and self.vm is not None and self._placement is not None
+        assert self.agent is not None and self.served is not None
+        assert self.vm is not None and self._placement is not None
         # relocate: set 3
         self._enter("relocate")
         if restart_mirror:
             await self.vm.start_relocation(self._placement.relocated, self.opts.dest_format)
         self._save_state("relocating")
-        self.agent.scheduler.cancel_queued(FetchClass.PREFETCH)
-        self.agent.set_mode(Mode.FAIR)
-        log.info("scheduler switched to fair: guest reads and relocation copies share the repository")
-        for e in self.agent.exports.values() if self.opts.relocation_prefetch else ():
+        self.agent.scheduler.cancel_queued(FetchClass.PREFETCH, self.point.id)
+        self.agent.set_mode(Mode.FAIR, self.point)
+        log.info("%s: scheduler fair for its point: guest reads and relocation copies share the repository",
+                 self.name)  # fmt: skip
+        for e in self.served.exports.values() if self.opts.relocation_prefetch else ():
             self._tasks.append(asyncio.create_task(RelocationPrefetcher(e).run()))
         while True:
             jobs = await self.vm.relocation_progress()
@@ -493,7 +535,7 @@ class InstantRestore:
         _write_state(self.opts.dest, self.name, "complete", point=self.point.id, hypervisor=self.vm.kind,
                      disks=self.report.destinations)  # fmt: skip
         self._collect()
-        cache_dir = self.agent.cache_dir
+        cache_dir = self.served.cache_dir
         await self.release_agent()
         if not self.opts.keep_cache:
             shutil.rmtree(cache_dir, ignore_errors=True)  # retention: a relocated VM needs no read-cache
@@ -541,7 +583,8 @@ class InstantRestore:
         self.vm = vm
         self.report.hypervisor = vm.kind
         self.report.serial_log = str(vm.serial_log)
-        self.agent = self._start_agent(Path(st["cache_dir"]), {d["name"] for d in st["disks"]})
+        self._use_agent(self._start_agent(Path(st["cache_dir"]), {d["name"] for d in st["disks"]}), shared=False)
+        assert self.agent is not None
         self.nbd_port = await self.agent.listen("127.0.0.1", int(st["nbd_port"]))
         log.info("agent back on port %d; the VM reconnects to it", self.nbd_port)
         await vm.connect()
@@ -571,13 +614,13 @@ class InstantRestore:
             await self.vm.close()
 
     def _collect(self) -> None:
-        assert self.agent is not None
-        m = self.agent.metrics
+        assert self.served is not None
+        m = self.served.metrics
         r = self.report
         r.bytes_fetched += m.bytes_fetched
         r.bytes_fetched_stored += m.bytes_fetched_stored
         r.blocks_fetched += m.blocks_fetched
-        r.repository_requests += self.agent.fetcher.requests
+        r.repository_requests += round(m.requests)
         r.reads, r.reads_from_cache, r.reads_from_repository = m.reads, m.read_hits, m.read_misses
         r.hit_rate = round(m.hit_rate, 4)
         r.read_latency_p50_ms = m.guest_latency.percentile(0.5)
@@ -595,8 +638,11 @@ class InstantRestore:
                 await t
         self._tasks.clear()
         if self.agent is not None:
-            await self.agent.close()
-            self.agent = None
+            if self._shared_agent:  # the other VMs' restores go on reading from it
+                await self.agent.release(self.point)
+            else:
+                await self.agent.close()
+            self.agent, self.served = None, None
 
     async def abort(self) -> None:
         """Stop the VM this restore started (a transient libvirt domain disappears with it) and
@@ -631,7 +677,7 @@ class InstantRestore:
         await self.vm.close()
 
 
-async def wait_for_boot(vm: Hypervisor, agent: MediaAgent | None, opts: RestoreOptions,
+async def wait_for_boot(vm: Hypervisor, reads: Metrics | None, opts: RestoreOptions,
                         launched: float) -> tuple[float, str]:
     """When the guest counts as up, and how that was told: its marker on the console; else the
     guest agent answering, or its reads from the backup going quiet; else the end of the window."""
@@ -641,7 +687,7 @@ async def wait_for_boot(vm: Hypervisor, agent: MediaAgent | None, opts: RestoreO
     while (now := time.monotonic()) < deadline:
         if await vm.guest_agent_ready():
             return time.monotonic(), "guest agent"
-        last = agent.recorder.last_read_at if agent is not None else None
+        last = reads.last_read_at if reads is not None else None
         if last is not None and last > launched and now - last >= opts.boot_quiet_s:
             return last, f"guest reads quiet for {opts.boot_quiet_s:g} s"
         if not vm.running:

@@ -7,8 +7,9 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from liverestore.agent.concurrency import AdaptiveLimit
@@ -78,14 +79,56 @@ def serve_lease(repo: Repository, point: RestorePoint) -> Lease:
     return lease
 
 
+@dataclass
+class ServedPoint:
+    """One restore point an agent serves: the lease that keeps its data alive, its locked cache
+    directory, its exports and the counters its restore reports."""
+
+    point: RestorePoint
+    cache_dir: Path
+    lease: Lease
+    metrics: Metrics = field(default_factory=Metrics)
+    exports: dict[str, DiskExport] = field(default_factory=dict)
+    lock_fd: int | None = None
+
+    def close(self) -> None:
+        """Close the exports and give up the cache directory (the lease is released apart: S3)."""
+        for e in self.exports.values():
+            e.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def export_prefixes(points: Sequence[RestorePoint]) -> list[str]:
+    """``VM`` for a VM served at one point, ``VM@POINT`` for each where the same VM is served at
+    several: export names stay what single-point clients know, and never collide."""
+    per_vm = Counter(p.vm for p in points)
+    return [p.vm if per_vm[p.vm] == 1 else f"{p.vm}@{p.id}" for p in points]
+
+
 class MediaAgent:
+    """Serves one or several restore points through one NBD server, one fetch scheduler, one
+    fetch pool and one repository link: several VMs restored at once share the link fairly
+    (each point is a scheduler tenant) instead of competing agents each taking all of it."""
+
     def __init__(
-        self, repo: Repository, point: RestorePoint, config: AgentConfig, disks: set[str] | None = None
+        self,
+        repo: Repository,
+        points: RestorePoint | Sequence[RestorePoint],
+        config: AgentConfig,
+        disks: set[str] | Mapping[str, set[str]] | None = None,
     ) -> None:
+        """``disks``: which disks to serve (CD-ROMs a restore copied are not), for every point or,
+        keyed by point id, for each; None serves them all."""
+        points = [points] if isinstance(points, RestorePoint) else list(points)
+        if not points:
+            raise LiverestoreError("no restore point to serve")
+        twice = [pid for pid, n in Counter(p.id for p in points).items() if n > 1]
+        if twice:
+            raise LiverestoreError(f"restore point {twice[0]} is given twice")
         self.repo = repo
-        self.point = point
         self.config = config
-        self.metrics = Metrics()
         self.recorder = AccessRecorder(config.access_log)
         self.scheduler = FetchScheduler(
             slots=config.fetch_slots or 32, mode=config.mode,
@@ -96,44 +139,55 @@ class MediaAgent:
         self.retrying = RetryingSource(emulate_link(self.fetcher, config.repo_latency_ms, config.repo_mbps),
                                        deadline_s=config.repo_retry_s)  # fmt: skip
         self.source = self.retrying
-        self.cache_dir = config.cache_dir / f"{point.vm}-{point.id}"
-        self.lease = serve_lease(repo, point)
-        self._lock_fd: int | None = None
+        self.served: list[ServedPoint] = []
         self.exports: dict[str, DiskExport] = {}
         try:
-            self._lock_fd = lock_cache_dir(self.cache_dir)
-            self._open_exports(disks)
+            for point, prefix in zip(points, export_prefixes(points), strict=True):
+                wanted = disks.get(point.id) if isinstance(disks, Mapping) else disks
+                self.served.append(self._serve_point(point, prefix, wanted))
+            self._check_cache_space()
             repo.chunks.index()  # read now: the first guest read must not wait for it
-        except BaseException:  # undo in reverse: exports, the cache lock, the lease
-            for e in self.exports.values():
-                e.close()
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-            self.lease.release()
+        except BaseException:  # undo in reverse: each point's exports, cache lock and lease
+            for sp in reversed(self.served):
+                sp.close()
+                sp.lease.release()
             self.fetcher.close()
             raise
-        self.server = NbdServer(self.exports, config.tls)
+        # one point's restore reads these: its point, its counters, its cache directory
+        self.point = points[0]
+        self.metrics = self.served[0].metrics
+        self.cache_dir = self.served[0].cache_dir
+        self.server = NbdServer(self.exports, config.tls)  # the same dict: released exports leave it
+        self.port = 0  # the TCP port, once listening
         self._persist_task: asyncio.Task[None] | None = None
 
-    def _open_exports(self, disks: set[str] | None) -> None:
-        repo, point, config, source = self.repo, self.point, self.config, self.source
-        for rec in point.record.disks:
-            if disks is not None and rec.name not in disks:
-                continue
-            manifest = repo.load_manifest(rec)
-            name = f"{point.vm}/{rec.name}"
-            self.exports[name] = DiskExport(
-                name,
-                manifest,
-                rec.manifest_id,
-                self.cache_dir,
-                self.scheduler,
-                source,
-                self.metrics,
-                self.recorder,
-                writable=config.writable,
-            )
-        self._check_cache_space()
+    def _serve_point(self, point: RestorePoint, prefix: str, disks: set[str] | None) -> ServedPoint:
+        sp = ServedPoint(point, self.config.cache_dir / f"{point.vm}-{point.id}", serve_lease(self.repo, point))
+        try:
+            sp.lock_fd = lock_cache_dir(sp.cache_dir)
+            for rec in point.record.disks:
+                if disks is not None and rec.name not in disks:
+                    continue
+                name = f"{prefix}/{rec.name}"
+                sp.exports[name] = self.exports[name] = DiskExport(
+                    name,
+                    self.repo.load_manifest(rec),
+                    rec.manifest_id,
+                    sp.cache_dir,
+                    self.scheduler,
+                    self.source,
+                    sp.metrics,
+                    self.recorder,
+                    writable=self.config.writable,
+                    tenant=point.id,
+                )
+        except BaseException:
+            for name in sp.exports:
+                del self.exports[name]
+            sp.close()
+            sp.lease.release()
+            raise
+        return sp
 
     def _check_cache_space(self) -> None:
         """Relocation brings every allocated block through the cache: refuse to start a restore
@@ -142,13 +196,33 @@ class MediaAgent:
             e.manifest.block_length(i) for e in self.exports.values() for i in e.manifest.allocated_blocks()
             if not e.read_cache.has(i)
         )  # fmt: skip
-        st = os.statvfs(self.cache_dir)
+        st = os.statvfs(self.config.cache_dir)
         free = st.f_bavail * st.f_frsize
         if free < need:
+            what = "this restore point needs" if len(self.served) == 1 else f"the {len(self.served)} points need"
             raise LiverestoreError(
-                f"cache directory {self.cache_dir} has {free / 2**20:.0f} MiB free but this restore point "
-                f"needs {need / 2**20:.0f} MiB: choose another --cache-dir"
+                f"cache directory {self.config.cache_dir} has {free / 2**20:.0f} MiB free but {what} "
+                f"{need / 2**20:.0f} MiB: choose another --cache-dir"
             )
+
+    def served_point(self, point: RestorePoint) -> ServedPoint:
+        return next(sp for sp in self.served if sp.point.id == point.id)
+
+    async def release(self, point: RestorePoint) -> None:
+        """Stop serving one point (its VM has pivoted, or its restore failed) while the others go
+        on: its copiers stop, its queued fetches go, its exports leave the server, its cache
+        directory and lease are given up."""
+        sp = self.served_point(point)
+        if sp.lock_fd is None:
+            return  # released before
+        for e in sp.exports.values():
+            await e.stop_background()
+        for cls in FetchClass:
+            self.scheduler.cancel_queued(cls, point.id)
+        for name in sp.exports:
+            self.exports.pop(name, None)
+        await asyncio.to_thread(sp.close)  # saves the bitmaps, then gives up the cache lock
+        await asyncio.to_thread(sp.lease.release)
 
     def export(self, name: str) -> DiskExport:
         try:
@@ -163,6 +237,7 @@ class MediaAgent:
         except OSError as e:
             raise LiverestoreError(f"cannot listen on {host}:{port}: {e.strerror}") from None
         self._start_persist()
+        self.port = bound
         return bound
 
     async def listen_unix(self, path: Path) -> None:
@@ -194,21 +269,19 @@ class MediaAgent:
             failing = False
 
     async def persist(self) -> None:
-        for e in self.exports.values():
+        for e in list(self.exports.values()):
             await e.flush()
 
-    def set_mode(self, mode: Mode) -> None:
-        self.scheduler.set_mode(mode)
+    def set_mode(self, mode: Mode, point: RestorePoint | None = None) -> None:
+        """The mode of every point, or of one (a restore relocating its own VM)."""
+        self.scheduler.set_mode(mode, point.id if point is not None else None)
 
     def prefetch(self, export: str, blocks: Iterable[int], cls: FetchClass) -> list[asyncio.Future[None]]:
         return self.export(export).prefetch(blocks, cls)
 
     def status(self) -> dict[str, object]:
-        return {
-            "vm": self.point.vm,
-            "point": self.point.id,
-            "connections": self.server.active_connections,
-            "exports": {
+        def exports(sp: ServedPoint) -> dict[str, object]:
+            return {
                 name: {
                     "size": e.size,
                     "block_size": e.block_size,
@@ -216,8 +289,14 @@ class MediaAgent:
                     "cached_blocks": e.read_cache.present,
                     "writable": e.writable,
                 }
-                for name, e in self.exports.items()
-            },
+                for name, e in sp.exports.items()
+            }
+
+        out: dict[str, object] = {
+            "points": [{"vm": sp.point.vm, "point": sp.point.id, "exports": exports(sp),
+                        "metrics": sp.metrics.as_dict()} for sp in self.served],
+            "connections": self.server.active_connections,
+            "exports": {name: info for sp in self.served for name, info in exports(sp).items()},
             "repository": {
                 "available": self.retrying.available,
                 "outages": self.retrying.outages,
@@ -225,8 +304,10 @@ class MediaAgent:
                 "requests": self.fetcher.requests,
             },
             "scheduler": self.scheduler.snapshot(),
-            "metrics": self.metrics.as_dict(),
         }
+        if len(self.served) == 1:  # the single-point shape clients have read all along
+            out.update(vm=self.point.vm, point=self.point.id, metrics=self.metrics.as_dict())
+        return out
 
     async def close(self) -> None:
         if self._persist_task:
@@ -238,10 +319,9 @@ class MediaAgent:
             await e.stop_background()
         await self.scheduler.close()
         self.fetcher.close()
-        for e in self.exports.values():
-            e.close()
         self.recorder.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the cache directory's lock
-            self._lock_fd = None
-            await asyncio.to_thread(self.lease.release)
+        for sp in self.served:
+            if sp.lock_fd is None:
+                continue  # closed before
+            sp.close()  # releases the cache directory's lock
+            await asyncio.to_thread(sp.lease.release)

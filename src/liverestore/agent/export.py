@@ -22,7 +22,7 @@ from liverestore.agent.metrics import Metrics
 from liverestore.agent.nbd import protocol as p
 from liverestore.agent.nbd.export import ExportError, FileSlice
 from liverestore.agent.recorder import AccessRecorder
-from liverestore.agent.scheduler import FetchClass, FetchScheduler
+from liverestore.agent.scheduler import FetchClass, FetchScheduler, Tenant
 from liverestore.agent.source import BlockSource
 from liverestore.errors import IntegrityError, RepositoryError
 from liverestore.repository import DiskManifest
@@ -44,8 +44,10 @@ class DiskExport:
         metrics: Metrics,
         recorder: AccessRecorder,
         writable: bool = False,
+        tenant: Tenant = None,
     ) -> None:
         self.name = name
+        self.tenant = tenant  # the restore point this disk belongs to, for fairness between points
         self.manifest = manifest
         self.size = manifest.virtual_size
         self.block_size = manifest.block_size
@@ -79,7 +81,7 @@ class DiskExport:
     async def ensure(self, idx: int, cls: FetchClass) -> None:
         if self.present(idx):
             return
-        await self.scheduler.submit((self.name, idx), cls, functools.partial(self._fill, idx))
+        await self.scheduler.submit((self.name, idx), cls, functools.partial(self._fill, idx), self.tenant)
 
     async def _fill(self, idx: int, cls: FetchClass) -> None:
         if self.present(idx):
@@ -99,14 +101,14 @@ class DiskExport:
                 p.ENOSPC if e.errno == errno.ENOSPC else p.EIO, f"cache write failed: {e.strerror}"
             ) from None
         self.read_cache.mark(idx)  # only now: a bit is never set before its block is written
-        self.metrics.record_fetch(str(cls), len(got.data), got.stored_bytes)
+        self.metrics.record_fetch(str(cls), len(got.data), got.stored_bytes, got.request_share)
 
     def prefetch(self, blocks: Iterable[int], cls: FetchClass) -> list[asyncio.Future[None]]:
         """Queue background copies into the cache; failures are logged by ``_fill``, not raised."""
         futs = []
         for idx in blocks:
             if not self.present(idx):
-                fut = self.scheduler.submit((self.name, idx), cls, functools.partial(self._fill, idx))
+                fut = self.scheduler.submit((self.name, idx), cls, functools.partial(self._fill, idx), self.tenant)
                 fut.add_done_callback(_swallow)
                 futs.append(fut)
         return futs

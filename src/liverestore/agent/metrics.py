@@ -96,12 +96,15 @@ class Metrics:
     bytes_fetched: int = 0
     bytes_fetched_stored: int = 0
     fetch_errors: int = 0
+    requests: float = 0.0  # this point's share of the ranged reads (agents serving several points share them)
+    last_read_at: float | None = None  # monotonic; "boot reads went quiet" is judged per point
     fetched_by_class: dict[str, int] = field(default_factory=dict)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # every read
     guest_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # reads under 512 KiB
     bulk_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # mirror and copy reads
 
     def record_read(self, length: int, hit: bool, seconds: float) -> None:
+        self.last_read_at = time.monotonic()
         self.reads += 1
         self.read_bytes += length
         if hit:
@@ -111,7 +114,8 @@ class Metrics:
         self.latency.add(seconds)
         (self.bulk_latency if length >= BULK_READ_MIN else self.guest_latency).add(seconds)
 
-    def record_fetch(self, cls: str, raw: int, stored: int) -> None:
+    def record_fetch(self, cls: str, raw: int, stored: int, request_share: float = 0.0) -> None:
+        self.requests += request_share
         self.blocks_fetched += 1
         self.bytes_fetched += raw
         self.bytes_fetched_stored += stored
@@ -136,6 +140,7 @@ class Metrics:
             "bytes_fetched": self.bytes_fetched,
             "bytes_fetched_stored": self.bytes_fetched_stored,
             "fetch_errors": self.fetch_errors,
+            "repository_requests": round(self.requests),
             "fetched_by_class": dict(self.fetched_by_class),
             "read_latency_avg_ms": round(1000 * self.latency.sum_s / self.reads, 3) if self.reads else 0.0,
             "read_latency": self.latency.as_dict(),

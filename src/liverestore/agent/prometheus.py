@@ -6,13 +6,13 @@ twice, and one process may run several agents), through ``prometheus-client``'s 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from liverestore.agent.metrics import PROMETHEUS_BOUNDS_S, LatencyHistogram
+from liverestore.agent.metrics import PROMETHEUS_BOUNDS_S, LatencyHistogram, Metrics
 
 if TYPE_CHECKING:
     from liverestore.agent.agent import MediaAgent
@@ -30,51 +30,55 @@ class AgentCollector:
         self.agent = agent
 
     def collect(self) -> Iterator[Metric]:
-        a, m = self.agent, self.agent.metrics
+        """Per point (labels vm, point) what its exports did; agent-wide, without those labels,
+        what the points share: the repository link and the NBD server."""
+        a = self.agent
         labels = ["vm", "point"]
-        ids = [a.point.vm, a.point.id]
+        points = [([sp.point.vm, sp.point.id], sp) for sp in a.served]
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+        def per_point(name: str, doc: str, value: Callable[[Metrics], float]) -> CounterMetricFamily:
             c = CounterMetricFamily(f"liverestore_{name}", doc, labels=labels)
-            c.add_metric(ids, value)
+            for ids, sp in points:
+                c.add_metric(ids, value(sp.metrics))
             return c
 
-        yield counter("reads", "NBD reads served", m.reads)
-        yield counter("read_bytes", "Bytes returned to NBD clients", m.read_bytes)
-        yield counter("read_cache_hits", "Reads answered from the read-cache alone", m.read_hits)
-        yield counter("read_cache_misses", "Reads that waited for the repository", m.read_misses)
-        yield counter("read_errors", "Reads answered with an error", m.read_errors)
-        yield counter("writes", "NBD writes into the copy-on-write area", m.writes)
-        yield counter("repository_fetched_bytes", "Block bytes fetched from the repository", m.bytes_fetched)
-        yield counter("repository_requests", "Ranged reads sent to the repository (neighbouring blocks share one)",
-                      self.agent.fetcher.requests)  # fmt: skip
-        yield counter("repository_fetch_errors", "Fetches that failed (damage or outage)", m.fetch_errors)
-        yield counter("repository_outages", "Times the repository became unreachable", a.retrying.outages)
+        yield per_point("reads", "NBD reads served", lambda m: m.reads)
+        yield per_point("read_bytes", "Bytes returned to NBD clients", lambda m: m.read_bytes)
+        yield per_point("read_cache_hits", "Reads answered from the read-cache alone", lambda m: m.read_hits)
+        yield per_point("read_cache_misses", "Reads that waited for the repository", lambda m: m.read_misses)
+        yield per_point("read_errors", "Reads answered with an error", lambda m: m.read_errors)
+        yield per_point("writes", "NBD writes into the copy-on-write area", lambda m: m.writes)
+        yield per_point("repository_fetched_bytes", "Block bytes fetched from the repository",
+                        lambda m: m.bytes_fetched)  # fmt: skip
+        yield per_point("repository_fetch_errors", "Fetches that failed (damage or outage)", lambda m: m.fetch_errors)
         fetched = CounterMetricFamily("liverestore_repository_fetched_blocks", "Blocks fetched, by why",
                                       labels=[*labels, "class"])  # fmt: skip
-        for cls, n in sorted(m.fetched_by_class.items()):
-            fetched.add_metric([*ids, cls], n)
-        yield fetched
         lat = HistogramMetricFamily("liverestore_read_latency_seconds",
                                     "NBD read latency; kind=guest under 512 KiB, kind=bulk (mirror, copy tools) above",
                                     labels=[*labels, "kind"])  # fmt: skip
-        for kind, h in (("guest", m.guest_latency), ("bulk", m.bulk_latency)):
-            lat.add_metric([*ids, kind], _buckets(h), h.sum_s)
-        yield lat
-        up = GaugeMetricFamily("liverestore_repository_available", "1 while the repository answers", labels=labels)
-        up.add_metric(ids, 1.0 if a.retrying.available else 0.0)
-        yield up
-        conns = GaugeMetricFamily("liverestore_nbd_connections", "Open NBD connections", labels=labels)
-        conns.add_metric(ids, a.server.active_connections)
-        yield conns
         cached = GaugeMetricFamily("liverestore_cached_blocks", "Blocks in the read-cache", labels=[*labels, "export"])
         alloc = GaugeMetricFamily("liverestore_allocated_blocks", "Allocated blocks of the backup",
                                   labels=[*labels, "export"])  # fmt: skip
-        for name, e in sorted(a.exports.items()):
-            cached.add_metric([*ids, name], e.read_cache.present)
-            alloc.add_metric([*ids, name], e.manifest.allocated_count)
+        for ids, sp in points:
+            for cls, n in sorted(sp.metrics.fetched_by_class.items()):
+                fetched.add_metric([*ids, cls], n)
+            for kind, h in (("guest", sp.metrics.guest_latency), ("bulk", sp.metrics.bulk_latency)):
+                lat.add_metric([*ids, kind], _buckets(h), h.sum_s)
+            for name, e in sorted(sp.exports.items()):
+                cached.add_metric([*ids, name], e.read_cache.present)
+                alloc.add_metric([*ids, name], e.manifest.allocated_count)
+        yield fetched
+        yield lat
         yield cached
         yield alloc
+        yield CounterMetricFamily("liverestore_repository_requests",
+                                  "Ranged reads sent to the repository (neighbouring blocks share one)",
+                                  value=a.fetcher.requests)  # fmt: skip
+        yield CounterMetricFamily("liverestore_repository_outages", "Times the repository became unreachable",
+                                  value=a.retrying.outages)  # fmt: skip
+        yield GaugeMetricFamily("liverestore_repository_available", "1 while the repository answers",
+                                value=1.0 if a.retrying.available else 0.0)  # fmt: skip
+        yield GaugeMetricFamily("liverestore_nbd_connections", "Open NBD connections", value=a.server.active_connections)
 
 
 def exposition(agent: MediaAgent) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -46,13 +47,10 @@ class AccessRecorder:
                 + "\n"
             )
 
-    @property
-    def last_read_at(self) -> float | None:
-        """When the newest read arrived (monotonic), or None before the first one."""
-        return self.events[-1].t if self.events else None
-
-    def since(self, t: float, until: float | None = None) -> list[AccessEvent]:
-        return [e for e in self.events if e.t >= t and (until is None or e.t <= until)]
+    def since(self, t: float, until: float | None = None, exports: Collection[str] | None = None) -> list[AccessEvent]:
+        """Reads between ``t`` and ``until``; of ``exports`` only, when an agent serves several VMs."""
+        return [e for e in self.events
+                if e.t >= t and (until is None or e.t <= until) and (exports is None or e.export in exports)]  # fmt: skip
 
     def close(self) -> None:
         if self._file:

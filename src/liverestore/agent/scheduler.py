@@ -11,6 +11,13 @@ Classes: ``demand`` (a client is waiting), ``relocation`` (set 3, ahead of the m
 
 A key (export, block) is fetched once: a second request joins the first, and a demand request
 for a block queued as background work promotes it.
+
+One agent may serve several restore points at once (mass restore). Each fetch names its
+*tenant* (the point it serves), every tenant has its own queues and may have its own mode, and
+the foreground work of the tenants — guest reads, and set 3 where that tenant is relocating —
+takes turns round-robin. So one VM's relocation or read flood gets its share of the link and no
+more, and no tenant's background copy (set 2) starts while any tenant has a guest read waiting.
+``fifo`` stays agent-wide: it is the baseline with no priorities at all.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class Mode(StrEnum):
 
 
 Job = Callable[["FetchClass"], Awaitable[None]]
+Tenant = Hashable  # whose fetch: one served restore point (None when an agent serves one)
 
 
 @dataclass
@@ -51,7 +59,17 @@ class _Entry:
     job: Job
     future: asyncio.Future[None]
     enqueued: float
+    tenant: Tenant = None
     started: bool = False
+
+
+@dataclass
+class _TenantQueues:
+    """One tenant's queues, its own mode (None: the scheduler's) and its demand/relocation turn."""
+
+    queues: dict[FetchClass, deque[_Entry]] = field(default_factory=lambda: {c: deque() for c in FetchClass})
+    mode: Mode | None = None
+    turn: int = 0
 
 
 @dataclass
@@ -75,11 +93,11 @@ class FetchScheduler:
     slots: int = 4
     mode: Mode = Mode.DEMAND_FIRST
     adaptive: AdaptiveLimit | None = None  # when set, ``slots`` follows the link (see concurrency.py)
-    _queues: dict[FetchClass, deque[_Entry]] = field(default_factory=dict)
+    _tenants: dict[Tenant, _TenantQueues] = field(default_factory=dict)
     _fifo: deque[_Entry] = field(default_factory=deque)
     _pending: dict[Hashable, _Entry] = field(default_factory=dict)
     _running: dict[FetchClass, int] = field(default_factory=dict)
-    _turn: int = 0
+    _next_tenant: int = 0  # round-robin: the tenant offered the next slot first
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     stats: dict[FetchClass, ClassStats] = field(default_factory=dict)
 
@@ -89,20 +107,32 @@ class FetchScheduler:
         if self.adaptive is not None:
             self.slots = max(2, int(self.adaptive.limit))
         for c in FetchClass:
-            self._queues[c] = deque()
             self._running[c] = 0
             self.stats[c] = ClassStats()
 
     # -- public --------------------------------------------------------------------------------
-    def set_mode(self, mode: Mode) -> None:
+    def set_mode(self, mode: Mode, tenant: Tenant = None) -> None:
+        """The agent-wide mode, or (``tenant`` given) one tenant's: a restore that starts relocating
+        puts its own point in ``fair`` and leaves the other VMs' reads where they were."""
+        if tenant is not None:
+            if mode == Mode.FIFO:
+                raise ValueError("fifo has no priorities to give one tenant: it is agent-wide")
+            t = self._tenant(tenant)
+            if t.mode != mode:
+                log.info("scheduler mode of %s %s -> %s", tenant, t.mode or self.mode, mode)
+                t.mode = mode
+                self._pump()
+            return
         if mode != self.mode:
             log.info("scheduler mode %s -> %s", self.mode, mode)
             if Mode.FIFO in (mode, self.mode):
                 self._requeue_all(mode)
             self.mode = mode
-            self._pump()
+        for t in self._tenants.values():
+            t.mode = None
+        self._pump()
 
-    def submit(self, key: Hashable, cls: FetchClass, job: Job) -> asyncio.Future[None]:
+    def submit(self, key: Hashable, cls: FetchClass, job: Job, tenant: Tenant = None) -> asyncio.Future[None]:
         """Queue ``job`` under ``key`` (or join the pending one) and return its completion future."""
         entry = self._pending.get(key)
         if entry is not None:
@@ -114,18 +144,19 @@ class FetchScheduler:
                 self._pump()
             return entry.future
         loop = asyncio.get_running_loop()
-        entry = _Entry(key, cls, job, loop.create_future(), time.monotonic())
+        entry = _Entry(key, cls, job, loop.create_future(), time.monotonic(), tenant)
         self._pending[key] = entry
         self.stats[cls].queued += 1
         self._enqueue(entry)
         self._pump()
         return entry.future
 
-    def cancel_queued(self, cls: FetchClass) -> int:
-        """Drop not-yet-started work of a class (e.g. set 3 once the mirror has finished)."""
+    def cancel_queued(self, cls: FetchClass, tenant: Tenant = None) -> int:
+        """Drop not-yet-started work of a class (e.g. set 3 once the mirror has finished), of one
+        tenant or (``tenant`` None) of all."""
         dropped = 0
         for entry in list(self._pending.values()):
-            if entry.cls == cls and not entry.started:
+            if entry.cls == cls and not entry.started and (tenant is None or entry.tenant == tenant):
                 del self._pending[entry.key]
                 self.stats[cls].queued -= 1
                 entry.future.cancel()
@@ -150,20 +181,34 @@ class FetchScheduler:
             "slots": self.slots,
             "adaptive": self.adaptive.snapshot() if self.adaptive else None,
             "running": {str(c): n for c, n in self._running.items()},
+            "tenants": {str(k): str(t.mode or self.mode) for k, t in self._tenants.items()},
             "classes": {str(c): s.as_dict() for c, s in self.stats.items()},
         }
 
     # -- internals -----------------------------------------------------------------------------
+    def _tenant(self, tenant: Tenant) -> _TenantQueues:
+        t = self._tenants.get(tenant)
+        if t is None:
+            t = self._tenants[tenant] = _TenantQueues()
+        return t
+
     def _enqueue(self, entry: _Entry) -> None:
-        (self._fifo if self.mode == Mode.FIFO else self._queues[entry.cls]).append(entry)
+        if self.mode == Mode.FIFO:
+            self._fifo.append(entry)
+        else:
+            self._tenant(entry.tenant).queues[entry.cls].append(entry)
 
     def _requeue_all(self, mode: Mode) -> None:
         waiting = sorted((e for e in self._pending.values() if not e.started), key=lambda e: e.enqueued)
         self._fifo.clear()
-        for q in self._queues.values():
-            q.clear()
+        for t in self._tenants.values():
+            for q in t.queues.values():
+                q.clear()
         for e in waiting:
-            (self._fifo if mode == Mode.FIFO else self._queues[e.cls]).append(e)
+            if mode == Mode.FIFO:
+                self._fifo.append(e)
+            else:
+                self._tenant(e.tenant).queues[e.cls].append(e)
 
     def _live_head(self, q: deque[_Entry], cls: FetchClass | None) -> _Entry | None:
         while q:
@@ -174,6 +219,28 @@ class FetchScheduler:
             return e
         return None
 
+    def _head(self, t: _TenantQueues, cls: FetchClass) -> _Entry | None:
+        return self._live_head(t.queues[cls], cls)
+
+    def _foreground(self, t: _TenantQueues) -> _Entry | None:
+        """A tenant's guest read, or in ``fair`` mode its guest reads and set 3 in alternation."""
+        demand = self._head(t, FetchClass.DEMAND)
+        if (t.mode or self.mode) != Mode.FAIR:
+            return demand
+        reloc = self._head(t, FetchClass.RELOCATION)
+        if demand and (reloc is None or t.turn % 2 == 0):
+            t.turn += 1
+            return demand
+        if reloc:
+            t.turn += 1
+        return reloc
+
+    def _background(self, t: _TenantQueues) -> _Entry | None:
+        """Set 3 of a tenant in ``demand-first`` mode, then set 2: never in the last free slot."""
+        if (t.mode or self.mode) != Mode.FAIR and (reloc := self._head(t, FetchClass.RELOCATION)):
+            return reloc
+        return self._head(t, FetchClass.PREFETCH)
+
     def _pick(self) -> _Entry | None:
         busy = sum(self._running.values())
         free = self.slots - busy
@@ -181,24 +248,14 @@ class FetchScheduler:
             return None
         if self.mode == Mode.FIFO:
             return self._live_head(self._fifo, None)
-        demand = self._live_head(self._queues[FetchClass.DEMAND], FetchClass.DEMAND)
-        reloc = self._live_head(self._queues[FetchClass.RELOCATION], FetchClass.RELOCATION)
-        pre = self._live_head(self._queues[FetchClass.PREFETCH], FetchClass.PREFETCH)
-        background_ok = free > 1  # the last slot is always kept for demand
-        if self.mode == Mode.FAIR:
-            if demand and (reloc is None or self._turn % 2 == 0):
-                self._turn += 1
-                return demand
-            if reloc:
-                self._turn += 1
-                return reloc
-        else:
-            if demand:
-                return demand
-            if reloc and background_ok:
-                return reloc
-        if pre and background_ok:
-            return pre
+        tenants = list(self._tenants.values())
+        passes = [self._foreground, self._background] if free > 1 else [self._foreground]
+        for offer in passes:  # every tenant's foreground work before anyone's background work
+            for k in range(len(tenants)):
+                i = (self._next_tenant + k) % len(tenants)
+                if (entry := offer(tenants[i])) is not None:
+                    self._next_tenant = (i + 1) % len(tenants)
+                    return entry
         return None
 
     def _pump(self) -> None:

@@ -28,6 +28,7 @@ class Fetched:
 
     data: bytes
     stored_bytes: int
+    request_share: float = 1.0  # 1/n of the ranged read it was one of n blocks of: per-VM request counts
 
 
 Sink = Callable[[bytes], None]
@@ -121,6 +122,7 @@ class RepositorySource:
                     if not f.done():
                         f.set_exception(e)
             return
+        share = 1 / sum(len(entries) for entries in takers.values())
         for want, got, row in zip(run, results, outcomes, strict=True):
             for (f, _), failure in zip(takers[want.cid], row, strict=True):
                 if f.done():
@@ -128,7 +130,7 @@ class RepositorySource:
                 if failure is not None:
                     f.set_exception(failure)
                 elif not isinstance(got, Exception):
-                    f.set_result(Fetched(*got))
+                    f.set_result(Fetched(*got, request_share=share))
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
