@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,13 @@ def test_one_failed_vm_leaves_the_others_running(three_vms: Path, tmp_path: Path
     assert all(Path(p).exists() for p in web_result.destinations.values())
 
 
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
 def _lr(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "liverestore", *args], capture_output=True, text=True,
                           timeout=600)  # fmt: skip
@@ -135,7 +143,7 @@ def test_cli_refuses_before_anything_starts(three_vms: Path, tmp_path: Path) -> 
         (["--vm", "web", "--vm", "db"], "already exists"),  # db's destination: web does not start either
         (["--vm", "web", "--vm", "web"], "named twice"),
         (["--vm", "web", "--vm", "db", "--name", "x"], "--name goes with one --vm"),
-        (["--vm", "web", "--vm", "db", "--resume"], "--resume goes with one --vm"),
+        (["--vm", "web", "--vm", "db", "--resume"], "nothing to resume"),
         (["--vm", "web", "--vm", "nosuch"], "'nosuch'"),
     ):
         r = _lr(*base, *extra)
@@ -143,3 +151,50 @@ def test_cli_refuses_before_anything_starts(three_vms: Path, tmp_path: Path) -> 
         assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], (extra, r.stderr)
     assert sorted(p.name for p in dest.iterdir()) == ["db-testvm.raw"]  # nothing started, nothing written
     assert (dest / "db-testvm.raw").read_bytes() == b"someone's disk"
+
+
+def test_killed_mass_restore_is_resumed_together(three_vms: Path, vm_backup: VmBackup, tmp_path: Path) -> None:
+    """The orchestrator of two VMs dies mid-relocation: both keep running, reading from nothing.
+    Resuming one alone would serve the other no export on the port they share, so it is refused;
+    resuming both brings one agent back on that port and finishes both."""
+    dest = tmp_path / "primary"
+    base = [sys.executable, "-m", "liverestore", "restore", "--repo", str(three_vms), "--vm", "web", "--vm", "db",
+            "--dest", str(dest), "--cache-dir", str(tmp_path / "c"), "--hypervisor", "qemu",
+            "--boot-marker", "BOOT-OK"]  # fmt: skip
+    proc = subprocess.Popen([*base, "--no-profile", "--repo-mbps", "80"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    states = [state_path(dest, n) for n in ("web", "db")]
+
+    def state(p: Path) -> str:
+        return str(json.loads(p.read_text())["state"]) if p.exists() else "none"
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not all(state(p) == "relocating" for p in states):
+        assert proc.poll() is None, "the restore ended before it could be interrupted"
+        time.sleep(0.05)
+    time.sleep(0.5)  # the mirrors are copying
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    sts = [json.loads(p.read_text()) for p in states]
+    assert [st["state"] for st in sts] == ["relocating", "relocating"]
+    assert sts[0]["nbd_port"] == sts[1]["nbd_port"] and sts[0]["agent_shared_with"] == ["db"]
+    pids = [st["driver"]["pid"] for st in sts]
+    try:
+        alone = subprocess.run([*base[:8], "--dest", str(dest), "--resume"], capture_output=True, text=True,
+                               timeout=60)  # fmt: skip
+        assert alone.returncode == 1 and "resume them together" in alone.stderr, alone.stderr
+        assert all(_running(pid) for pid in pids)  # refused: both VMs untouched, still running
+
+        r = subprocess.run([*base, "--resume", "--json"], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+        docs = json.loads(r.stdout)
+        assert [d["vm"] for d in docs] == ["web", "db"]
+        for d, p in zip(docs, states, strict=True):
+            assert d["relocated"] and d["mode"] == "instant-resumed" and state(p) == "complete"
+            cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(vm_backup.data_disk),
+                                  d["destinations"]["data"]], capture_output=True, text=True)  # fmt: skip
+            assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+        assert all(_running(pid) for pid in pids)  # the same guests, on primary storage now
+    finally:
+        for pid in pids:
+            subprocess.run(["kill", "-9", str(pid)], capture_output=True)

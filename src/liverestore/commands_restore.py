@@ -181,8 +181,7 @@ def restore(**kw: Any) -> None:
 
 def restore_several(vms: tuple[str, ...], kw: dict[str, Any]) -> None:
     """``restore --vm A --vm B ...``: instant restores of several VMs from one agent."""
-    for flag, given in (("--point", kw["point"]), ("--name", kw["name"]), ("--resume", kw["resume"]),
-                        ("--classic", not kw["instant"])):  # fmt: skip
+    for flag, given in (("--point", kw["point"]), ("--name", kw["name"]), ("--classic", not kw["instant"])):
         if given:
             raise LiverestoreError(f"{flag} goes with one --vm (name points as --vm VM@POINT)")
     options = [options_from({**kw, "vm": vm, "point": point}) for vm, point in (vm_at_point(v) for v in vms)]
@@ -194,15 +193,19 @@ def restore_several(vms: tuple[str, ...], kw: dict[str, Any]) -> None:
             for r in job.restores:
                 r.on_status = show
             try:
-                results = await job.run()
-                if not options[0].relocate and any(isinstance(r, RestoreReport) for r in results):
+                results = await (job.resume() if kw["resume"] else job.run())
+            except BaseException:  # refused or interrupted: each restore undid its own part already
+                await job.close(stop_vm=False)
+                raise
+            relocated = options[0].relocate
+            try:
+                if not relocated and any(isinstance(r, RestoreReport) for r in results):
                     click.echo("VMs are running from backup. Ctrl-C stops them.", err=True)
                     while any(r.vm is not None and r.vm.running for r in job.restores):
                         await asyncio.sleep(1)
-                return results
             finally:
-                relocated = options[0].relocate
                 await job.close(stop_vm=kw["stop_after"] or not relocated, shutdown_timeout=kw["shutdown_timeout"])
+            return results
 
     results = run_cancellable(go())
     failed = [(o, r) for o, r in zip(options, results, strict=True) if not isinstance(r, RestoreReport)]

@@ -142,6 +142,14 @@ def state_path(dest: Path, name: str) -> Path:
     return dest.absolute() / f"{name}.restore.json"
 
 
+def needs_agent(dest: Path, name: str) -> bool:
+    """A restore in ``dest`` that still needs its agent (running from backup or relocating)."""
+    try:
+        return json.loads(state_path(dest, name).read_text()).get("state") in ("running-from-backup", "relocating")
+    except (OSError, ValueError):
+        return False
+
+
 def _write_state(dest: Path, name: str, state: str, **extra: Any) -> None:
     doc = {"vm": name, "state": state, "time": time.time(), **extra}
     path = state_path(dest, name)
@@ -311,6 +319,8 @@ class InstantRestore:
         self._relocation_fraction = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self.nbd_port = 0
+        self.agent_shared_with: list[str] = []  # the other VMs of a mass restore (their state files say)
+        self._resume_state: dict[str, Any] | None = None
 
     # -- phase bookkeeping ---------------------------------------------------------------------
     def _enter(self, phase: str) -> None:
@@ -495,6 +505,7 @@ class InstantRestore:
                     "final": str(self._placement.relocated[e.manifest.name])}
                    for n, e in self.served.exports.items()],
             copied={n: str(p) for n, p in self._placement.copied.items()},
+            agent_shared_with=self.agent_shared_with,
         )  # fmt: skip
 
     def _export_of(self, disk: str) -> DiskExport | None:
@@ -546,20 +557,27 @@ class InstantRestore:
         """Pick up a restore whose orchestrator died: same cache, same NBD port (QEMU reconnects
         to it), the running copy jobs if they survived, else fresh ones; then pivot. A VM it
         cannot adopt is left exactly as it is."""
+        st = self.load_resume_state()
+        unfinished = [n for n in st.get("agent_shared_with", []) if needs_agent(self.opts.dest, n)]
+        if unfinished:
+            names = " ".join(f"--vm {n}" for n in [self.name, *unfinished])
+            raise LiverestoreError(f"{self.name} was restored together with {', '.join(unfinished)} from one agent: "
+                                   f"resume them together (restore --resume {names} --dest {self.opts.dest})")  # fmt: skip
+        disks = {d["name"] for d in st["disks"]}
         try:
-            await self._resume()
+            self._use_agent(self._start_agent(Path(st["cache_dir"]), disks), shared=False)
+            assert self.agent is not None
+            await self.agent.listen("127.0.0.1", int(st["nbd_port"]))
         except BaseException:
-            if self._adopted:
-                await self._abort_resume()
-            else:
-                await self.release_agent()
+            await self.release_agent()
             raise
-        return self.report
+        return await self.resume_on(self.agent, shared=False)
 
-    async def _resume(self) -> None:
+    def load_resume_state(self) -> dict[str, Any]:
+        """Read and check the state file, find the VM's hypervisor object; starts nothing."""
         path = state_path(self.opts.dest, self.name)
         try:
-            st = json.loads(path.read_text())
+            st: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError):
             raise LiverestoreError(f"nothing to resume: {path} is missing or unreadable") from None
         if st.get("state") == "complete":
@@ -579,33 +597,46 @@ class InstantRestore:
                  for d in st["disks"]]  # fmt: skip
         disks += [DiskAttachment(name=n, size=p.stat().st_size if p.exists() else 0, local_path=p)
                   for n, p in self._placement.copied.items()]  # fmt: skip
-        vm = adopt_hypervisor(st["hypervisor"], st["driver"], spec, disks)
-        self.vm = vm
-        self.report.hypervisor = vm.kind
-        self.report.serial_log = str(vm.serial_log)
-        self._use_agent(self._start_agent(Path(st["cache_dir"]), {d["name"] for d in st["disks"]}), shared=False)
-        assert self.agent is not None
-        self.nbd_port = await self.agent.listen("127.0.0.1", int(st["nbd_port"]))
-        log.info("agent back on port %d; the VM reconnects to it", self.nbd_port)
-        await vm.connect()
-        self._adopted = True
-        self.report.vm_identity = vm.describe()
-        self.phase = "run"
-        healthy = False
-        if st["state"] == "relocating":
-            try:
-                healthy = all(not j.failed for j in await self.vm.relocation_progress(raise_on_failure=False))
-            except LiverestoreError:
-                healthy = False
-            if not healthy:
-                log.warning("the copy jobs did not survive the interruption; starting them again")
-                await self.vm.abort_relocation()
-        await self._relocate_and_pivot(restart_mirror=not healthy)
+        self.vm = adopt_hypervisor(st["hypervisor"], st["driver"], spec, disks)
+        self.report.hypervisor = self.vm.kind
+        self.report.serial_log = str(self.vm.serial_log)
+        self._resume_state = st
+        return st
+
+    async def resume_on(self, agent: MediaAgent, shared: bool = True) -> RestoreReport:
+        """Adopt the VM ``load_resume_state`` found, on an agent listening on its old port."""
+        assert self.vm is not None and self._resume_state is not None
+        st = self._resume_state
+        try:
+            self._use_agent(agent, shared)
+            self.nbd_port = agent.port
+            log.info("agent back on port %d; %s reconnects to it", self.nbd_port, self.name)
+            await self.vm.connect()
+            self._adopted = True
+            self.report.vm_identity = self.vm.describe()
+            self.phase = "run"
+            healthy = False
+            if st["state"] == "relocating":
+                try:
+                    healthy = all(not j.failed for j in await self.vm.relocation_progress(raise_on_failure=False))
+                except LiverestoreError:
+                    healthy = False
+                if not healthy:
+                    log.warning("the copy jobs of %s did not survive the interruption; starting them again", self.name)
+                    await self.vm.abort_relocation()
+            await self._relocate_and_pivot(restart_mirror=not healthy)
+        except BaseException:
+            if self._adopted:
+                await self._abort_resume()
+            else:
+                await self.release_agent()
+            raise
+        return self.report
 
     async def _abort_resume(self) -> None:
         """A resume that fails after adopting the VM cancels its copy but keeps the VM running from
         backup: the guest's state matters more than the restore; ``--resume`` can be tried again."""
-        log.warning("resume failed in phase %s; the VM keeps running from backup", self.phase)
+        log.warning("resume of %s failed in phase %s; the VM keeps running from backup", self.name, self.phase)
         if self.vm is not None and self.phase in ("relocate", "pivot") and not self.report.relocated:
             with contextlib.suppress(Exception):
                 await self.vm.abort_relocation()

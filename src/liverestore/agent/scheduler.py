@@ -119,7 +119,7 @@ class FetchScheduler:
                 raise ValueError("fifo has no priorities to give one tenant: it is agent-wide")
             t = self._tenant(tenant)
             if t.mode != mode:
-                log.info("scheduler mode of %s %s -> %s", tenant, t.mode or self.mode, mode)
+                log.info("scheduler mode %s -> %s for point %s", t.mode or self.mode, mode, tenant)
                 t.mode = mode
                 self._pump()
             return

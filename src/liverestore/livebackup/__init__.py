@@ -264,6 +264,10 @@ def _begin(dom: Any, domain: str, jobdir: Path, disks: list[lj.LiveDisk], inc: s
 
 
 def _begin_error(dom: Any, domain: str, e: Exception) -> LiverestoreError:
+    """A domain destroyed while libvirt starts the job fails ``backupBegin`` too, and may still
+    show the half-made job: ask whether it stopped before blaming another backup."""
+    if _stopped(dom, within_s=3):
+        return LiverestoreError(f"the domain {domain} stopped during the backup; no restore point was committed")
     if lj.active_job_socket(dom) is not None:
         return LiverestoreError(f"a backup of domain {domain} is already running; wait for it to finish")
     return LiverestoreError(f"libvirt cannot start a backup of {domain}: {libvirt_message(e)}")
@@ -339,12 +343,18 @@ def _read_and_commit(repo: Repository, dom: Any, vm: str, jobdir: Path, disks: l
 def _read_error(dom: Any, vm: str, e: Exception) -> LiverestoreError:
     """Name the likely cause. A stopping domain closes its NBD export before libvirt reports it
     stopped (libvirt gives QEMU up to 10 s to exit on SIGTERM), so keep asking for a while."""
-    deadline = time.monotonic() + 20
+    if _stopped(dom, within_s=20):
+        return LiverestoreError(f"the domain of {vm} stopped during the backup; no restore point was committed")
+    return LiverestoreError(f"reading the disks of {vm} failed ({e}); no restore point was committed")
+
+
+def _stopped(dom: Any, within_s: float) -> bool:
+    """Whether libvirt reports the domain inactive within ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
     while True:
         with contextlib.suppress(Exception):
             if not dom.isActive():
-                return LiverestoreError(f"the domain of {vm} stopped during the backup; no restore point was committed")
+                return True
         if time.monotonic() > deadline:
-            break
+            return False
         time.sleep(0.2)
-    return LiverestoreError(f"reading the disks of {vm} failed ({e}); no restore point was committed")
