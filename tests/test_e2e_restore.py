@@ -97,7 +97,6 @@ def test_profile_makes_boot_fast_on_a_slow_repository(vm_backup: VmBackup, tmp_p
     machine noise decided the 3x bound; the profile's gain grows with the latency it hides."""
     repo = vm_backup.open_repo()
     repo.delete_profile("testvm")
-    local = boot_local(vm_backup.image.path, tmp_path)
 
     def instant(run: int, use_profile: bool) -> RestoreReport:
         opts = RestoreOptions(vm="testvm", dest=tmp_path / f"d{run}", cache_dir=tmp_path / f"c{run}",
@@ -113,15 +112,26 @@ def test_profile_makes_boot_fast_on_a_slow_repository(vm_backup: VmBackup, tmp_p
         return asyncio.run(go())
 
     cold = instant(1, use_profile=False)  # records the profile
-    # the better of two runs with the profile, each from a fresh cache: a 2-core CI machine's
-    # noise lands on the short run most, and the claim is what the profile makes possible
-    warm = min((instant(k, use_profile=True) for k in (2, 3)), key=lambda r: r.time_to_boot_s)
+    # two runs with the profile, each from a fresh cache and each beside a local boot of its own:
+    # this machine's speed swings by a third over minutes (local boots of 5.4 to 10.6 s were seen),
+    # so a boot is compared with the local boot made next to it, and the better pair counts
+    pairs = [(boot_local(vm_backup.image.path, tmp_path / f"l{k}"), instant(k, use_profile=True)) for k in (2, 3)]
+    local, warm = min(pairs, key=lambda p: p[1].time_to_boot_s / p[0])
     print(f"time to boot: local {local:.2f} s, instant without profile {cold.time_to_boot_s:.2f} s, "
-          f"with profile {warm.time_to_boot_s:.2f} s (prefetch {warm.phases['prefetch']:.2f} s)")  # fmt: skip
-    assert warm.profile_blocks > 1000 and warm.profile_prefetched == warm.profile_blocks
-    assert warm.boot_reads_from_cache == warm.boot_reads  # the profile covered the whole boot
+          f"with profile {warm.time_to_boot_s:.2f} s (prefetch {warm.phases['prefetch']:.2f} s); pairs "
+          f"{[(round(lo, 2), w.time_to_boot_s) for lo, w in pairs]}")  # fmt: skip
+    for _lo, w in pairs:
+        assert w.profile_blocks > 1000 and w.profile_prefetched == w.profile_blocks
+        assert w.boot_reads_from_cache == w.boot_reads  # the profile covered the whole boot
     assert warm.time_to_boot_s <= 1.5 * local
-    assert cold.time_to_boot_s >= 3 * warm.time_to_boot_s
+    assert cold.time_to_boot_s >= 3 * min(w.time_to_boot_s for _lo, w in pairs)
+    # boot I/O stall, measured by the agent: none with the whole boot cached; without the profile
+    # it accounts for most of what the cold boot took beyond a local boot, and never for more
+    # than the boot itself
+    print(f"boot I/O stall: without profile {cold.boot_io_stall_s:.2f} s (boot - local boot = "
+          f"{cold.boot_after_launch_s - local:.2f} s), with profile {warm.boot_io_stall_s:.2f} s")  # fmt: skip
+    assert warm.boot_io_stall_s == 0
+    assert 0.5 * (cold.boot_after_launch_s - local) <= cold.boot_io_stall_s <= cold.boot_after_launch_s
 
 
 def _lr(*args: str) -> subprocess.CompletedProcess[str]:

@@ -10,6 +10,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
+from liverestore.agent.nbd import server as nbd_server
 from liverestore.agent.scheduler import FetchClass, Mode
 from liverestore.backup import run_backup
 from liverestore.repository import Repository, RestorePoint
@@ -149,3 +152,52 @@ def test_serve_cli_refuses_bad_point_lists(tmp_path: Path) -> None:
     assert_one_line_error(lr("serve", "--repo", r, "--vm", "vm2", "--vm", "nosuch", check=False), "'nosuch'")
     assert_one_line_error(lr("serve", "--repo", r, "--vm", f"vm2@{points[2].id}", "--vm", "vm2", check=False),
                           "given twice")  # fmt: skip
+
+
+def _guest_reads_beside_a_copier(tmp_path: Path, start_agent: AgentFactory, copier: bool) -> float:
+    repo = Repository.init(tmp_path / f"repo-{copier}", block_size=64 * KiB)
+    src = tmp_path / f"src-{copier}"
+    src.mkdir()
+    rnd = random.Random(3)
+    with open(src / "a.raw", "wb") as f:  # 256 MiB: a copy of seconds
+        for _ in range(16):
+            f.write(rnd.randbytes(16 * MiB))
+    (src / "b.raw").write_bytes(random.Random(4).randbytes(4 * MiB))
+    pa = run_backup(repo, "a", [src / "a.raw"], [])[0]
+    pb = run_backup(repo, "b", [src / "b.raw"], [])[0]
+    agent = start_agent(repo, [pa, pb], cache_dir=tmp_path / f"cache-{copier}", repo_latency_ms=5)
+    copy = None
+    if copier:  # a relocation of VM a, as QEMU's mirror or nbdcopy makes it: many large reads in flight
+        copy = subprocess.Popen(["nbdcopy", "--request-size=1048576", f"nbd://127.0.0.1:{agent.port}/a/a", "null:"])
+        deadline = time.monotonic() + 10
+        while agent.agent.server.budget.used < 6 * MiB:  # the copier holds the (shrunk) server budget
+            assert time.monotonic() < deadline and copy.poll() is None, "the copier never filled the budget"
+            time.sleep(0.01)
+    c = NbdClient("127.0.0.1", agent.port, "b/b")
+    t0 = time.monotonic()
+    for i in range(20):
+        c.read(i * 3 * 64 * KiB, 32 * KiB)  # a boot's reads: small, one at a time, each a miss
+    took = time.monotonic() - t0
+    c.close()
+    if copy is not None:
+        assert copy.poll() is None, "the guest's reads ended after the whole copy: they waited behind it"
+        copy.kill()
+        copy.wait()
+    agent.close()
+    return took
+
+
+def test_a_bulk_copier_holding_the_server_budget_does_not_queue_a_guests_reads(
+    tmp_path: Path, start_agent: AgentFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server-wide reply budget (shrunk to 8 MiB here, 256 MiB in production) is taken when a
+    request is read and held while its fetch waits: granted in arrival order, a guest's read
+    queued behind the copier's. It goes to the connection holding least first."""
+    monkeypatch.setattr(nbd_server, "SERVER_BYTES_IN_FLIGHT", 8 * MiB)
+    alone = _guest_reads_beside_a_copier(tmp_path, start_agent, copier=False)
+    beside = _guest_reads_beside_a_copier(tmp_path, start_agent, copier=True)
+    print(f"20 guest reads of VM b: alone {alone * 1000:.0f} ms, beside VM a's bulk copy {beside * 1000:.0f} ms")
+    # before, the guest's reads waited out the whole copy (the copier was done first, which the
+    # helper asserts against); now each may wait for one of the copier's fetches in the
+    # scheduler's turn and share the 2 cores with the copy's decompression and hashing
+    assert beside < alone + 20 * 0.040

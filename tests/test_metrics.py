@@ -69,3 +69,18 @@ def test_guest_and_bulk_reads_are_counted_apart_and_exposed_to_prometheus(
     assert samples[("liverestore_repository_fetched_bytes_total", ids)] == m["bytes_fetched"] > 0
     export = tuple(sorted((*ids, ("export", "vm1/disk0"))))
     assert samples[("liverestore_cached_blocks", export)] == status["exports"]["vm1/disk0"]["cached_blocks"] > 0
+
+
+def test_boot_io_stall_is_the_union_of_the_misses_waits() -> None:
+    """Overlapping waits count once, hits not at all: the time at least one read was waiting."""
+    from liverestore.agent.recorder import AccessEvent, stalled_seconds
+
+    events = [
+        AccessEvent(t=10.0, export="e", offset=0, length=4096, hit=False, seconds=1.0),  # 9-10
+        AccessEvent(t=10.5, export="e", offset=0, length=4096, hit=False, seconds=1.0),  # 9.5-10.5
+        AccessEvent(t=11.0, export="e", offset=0, length=4096, hit=True, seconds=0.9),  # a hit: no stall
+        AccessEvent(t=13.0, export="e", offset=0, length=4096, hit=False, seconds=0.5),  # 12.5-13
+        AccessEvent(t=12.9, export="e", offset=0, length=4096, hit=False, seconds=0.1),  # inside the last
+    ]
+    assert abs(stalled_seconds(events) - 2.0) < 1e-9
+    assert stalled_seconds([]) == 0.0

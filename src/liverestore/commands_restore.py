@@ -57,7 +57,8 @@ def render_report(r: RestoreReport) -> str:
     if r.mode == "instant":
         lines.append(
             f"  reads: {r.reads} ({r.reads_from_cache} from cache, {r.reads_from_repository} via repository, "
-            f"hit rate {100 * r.hit_rate:.1f} %); boot reads from cache {r.boot_reads_from_cache}/{r.boot_reads}; "
+            f"hit rate {100 * r.hit_rate:.1f} %); boot reads from cache {r.boot_reads_from_cache}/{r.boot_reads}, "
+            f"boot I/O stall {r.boot_io_stall_s:.2f} s; "
             f"profile {r.profile_prefetched}/{r.profile_blocks} blocks prefetched"
         )
         lines.append(

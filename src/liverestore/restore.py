@@ -32,6 +32,7 @@ from liverestore.agent.export import DiskExport
 from liverestore.agent.metrics import Metrics
 from liverestore.agent.nbd.tls import TlsPolicy, server_context
 from liverestore.agent.prefetch import RelocationPrefetcher, start_background
+from liverestore.agent.recorder import stalled_seconds
 from liverestore.agent.scheduler import FetchClass, Mode
 from liverestore.agent.source import RepositorySource, emulate_link
 from liverestore.errors import LiverestoreError
@@ -93,6 +94,7 @@ class Status:
     relocated_fraction: float
     hit_rate: float
     fetched_bytes: int
+    fetched_stored_bytes: int  # what crossed the repository link (compressed, sealed)
     fetch_mbps: float
     cached_blocks: int
     allocated_blocks: int
@@ -129,6 +131,7 @@ class RestoreReport:
     bulk_read_latency_p99_ms: float = 0.0  # the mirror's reads during relocation (512 KiB and up)
     boot_reads: int = 0
     boot_reads_from_cache: int = 0
+    boot_io_stall_s: float = 0.0  # time during boot with a guest read waiting for the repository
     fetched_by_class: dict[str, int] = field(default_factory=dict)
     destinations: dict[str, str] = field(default_factory=dict)
     relocated: bool = False
@@ -342,7 +345,7 @@ class InstantRestore:
         alloc = sum(e.manifest.allocated_count for e in self.served.exports.values())
         self.on_status(Status(
             name=self.name, phase=self.phase, elapsed_s=elapsed, relocated_fraction=self._relocation_fraction,
-            hit_rate=m.hit_rate, fetched_bytes=m.bytes_fetched,
+            hit_rate=m.hit_rate, fetched_bytes=m.bytes_fetched, fetched_stored_bytes=m.bytes_fetched_stored,
             fetch_mbps=m.bytes_fetched / 1e6 / max(elapsed, 1e-3), cached_blocks=cached, allocated_blocks=alloc,
         ))  # fmt: skip
 
@@ -468,6 +471,7 @@ class InstantRestore:
         boot_events = self.agent.recorder.since(launched, booted, exports.keys())
         self.report.boot_reads = len(boot_events)
         self.report.boot_reads_from_cache = sum(e.hit for e in boot_events)
+        self.report.boot_io_stall_s = round(stalled_seconds(boot_events), 3)
         if opts.record_profile:
             sizes = {n: e.block_size for n, e in exports.items()}
             trace = {n.split("/", 1)[1]: b for n, b in profiles.blocks_from_trace(boot_events, sizes).items()}

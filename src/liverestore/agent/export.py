@@ -153,8 +153,9 @@ class DiskExport:
                 parts.append(src.pread(seg_end - pos, pos))
                 pos = seg_end
             data = b"".join(parts)
-        self.metrics.record_read(length, not missing, time.monotonic() - t0)
-        self.recorder.record(self.name, offset, length, not missing)
+        took = time.monotonic() - t0
+        self.metrics.record_read(length, not missing, took)
+        self.recorder.record(self.name, offset, length, not missing, took)
         return data
 
     def read_now(self, offset: int, length: int) -> bytes | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -15,11 +15,12 @@ MAX_EVENTS = 100_000  # the newest reads are kept (~15 MB at most); a boot is a 
 
 @dataclass(frozen=True, slots=True)
 class AccessEvent:
-    t: float  # time.monotonic()
+    t: float  # time.monotonic() when the read was answered
     export: str
     offset: int
     length: int
     hit: bool
+    seconds: float = 0.0  # how long it took: a miss waited this long for the repository
 
 
 class AccessRecorder:
@@ -28,8 +29,8 @@ class AccessRecorder:
         self.dropped = 0
         self._file: TextIO | None = open(log_path, "a", buffering=1 << 16) if log_path else None  # noqa: SIM115
 
-    def record(self, export: str, offset: int, length: int, hit: bool) -> None:
-        ev = AccessEvent(time.monotonic(), export, offset, length, hit)
+    def record(self, export: str, offset: int, length: int, hit: bool, seconds: float = 0.0) -> None:
+        ev = AccessEvent(time.monotonic(), export, offset, length, hit, seconds)
         if len(self.events) == MAX_EVENTS:
             self.dropped += 1  # the oldest read falls out of the ring
         self.events.append(ev)
@@ -42,6 +43,7 @@ class AccessRecorder:
                         "offset": offset,
                         "length": length,
                         "hit": hit,
+                        "seconds": round(seconds, 6),
                     }
                 )
                 + "\n"
@@ -56,3 +58,18 @@ class AccessRecorder:
         if self._file:
             self._file.close()
             self._file = None
+
+
+def stalled_seconds(events: Iterable[AccessEvent]) -> float:
+    """How long at least one of these reads was waiting for the repository: the union of the
+    misses' waits. For a boot, that is the I/O stall the backup added — what a local disk would
+    not have cost — measured as it happens, with no local boot to subtract; reads that overlap
+    (a guest with several in flight) count once."""
+    spans = sorted((e.t - e.seconds, e.t) for e in events if not e.hit and e.seconds > 0)
+    total, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import heapq
+import itertools
 import logging
 import socket
 import ssl
@@ -58,6 +60,50 @@ class ByteBudget:
         async with self._cond:
             self.used -= n
             self._cond.notify_all()
+
+
+class FairByteBudget:
+    """The server-wide budget: the same bound as ``ByteBudget``, but freed bytes go first to the
+    waiting connection that holds the least. Granted in arrival order, a guest's 32 KiB boot read
+    queued behind the 256 KiB reads of every bulk copier (a mass restore's relocations hold the
+    whole budget while their fetches wait for the repository): fairness between VMs ended at the
+    server's door, before the scheduler saw the read."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: list[tuple[int, int, int, asyncio.Future[None]]] = []  # (held, arrival, n, grant)
+        self._arrivals = itertools.count()
+
+    async def acquire(self, n: int, held: int) -> None:
+        """Take ``n`` bytes for a connection that already holds ``held``."""
+        if not self._waiters and self._fits(n):
+            self.used += n
+            return
+        grant: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (held, next(self._arrivals), n, grant))
+        try:
+            await grant
+        except asyncio.CancelledError:
+            if grant.done() and not grant.cancelled():  # granted as it was cancelled: give it back
+                self.release(n)
+            raise
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        while self._waiters:
+            _held, _arrival, want, grant = self._waiters[0]
+            if grant.cancelled():
+                heapq.heappop(self._waiters)
+                continue
+            if not self._fits(want):
+                break
+            heapq.heappop(self._waiters)
+            self.used += want
+            grant.set_result(None)
+
+    def _fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.limit
 
 
 class ConnectionLog:
@@ -118,7 +164,7 @@ class NbdServer:
         self._writers: set[asyncio.StreamWriter] = set()
         self._handshaking: dict[asyncio.StreamWriter, float] = {}  # still negotiating, since when
         self.active_connections = 0
-        self.budget = ByteBudget(SERVER_BYTES_IN_FLIGHT)
+        self.budget = FairByteBudget(SERVER_BYTES_IN_FLIGHT)
         self.dropped_handshakes = 0
         self.refused = 0
         self._last_refusal_log = 0.0
@@ -392,8 +438,9 @@ class NbdServer:
                 if cmd == p.CMD_WRITE:
                     if length > p.MAX_REQUEST:
                         raise ProtocolViolation(f"write of {length} bytes exceeds the maximum")
+                    held = budget.used
                     await budget.acquire(cost)
-                    await self.budget.acquire(cost)
+                    await self.budget.acquire(cost, held)
                     payload = await reader.readexactly(length)
                 if cmd == p.CMD_DISC:
                     break
@@ -416,8 +463,9 @@ class NbdServer:
                         await writer.drain()
                     continue
                 if cmd != p.CMD_WRITE:
+                    held = budget.used
                     await budget.acquire(cost)
-                    await self.budget.acquire(cost)
+                    await self.budget.acquire(cost, held)
                 await slots.acquire()
                 task = asyncio.create_task(self._request(
                     writer, lock, export, sess, clog, flags, cmd, handle, offset, length, payload
@@ -435,8 +483,8 @@ class NbdServer:
 
     def _release(self, budget: ByteBudget, n: int, _task: object = None) -> None:
         if n:
-            for b in (budget, self.budget):
-                asyncio.get_running_loop().create_task(b.release(n))
+            self.budget.release(n)
+            asyncio.get_running_loop().create_task(budget.release(n))
 
     async def _request(
         self,
