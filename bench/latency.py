@@ -41,6 +41,16 @@ def record_trace(repo: Repository, work: Path) -> list[tuple[int, int]]:
     return asyncio.run(go())
 
 
+def traced_test_vm(tmp: Path, quick: bool) -> tuple[Repository, list[tuple[int, int]]]:
+    """The test VM (1 GiB) backed up as ``vm`` at 64 KiB blocks, and its boot trace (the first
+    1,500 reads with ``quick``)."""
+    image = build_test_vm(tmp / "vm.raw", size=1024 * MiB, payload_mb=90, cold_mb=200 if quick else 400)
+    repo = Repository.init(tmp / "repo", block_size=64 * 1024)
+    run_backup(repo, "vm", [image.path], [])
+    trace = record_trace(repo, tmp)
+    return repo, trace[:1500] if quick else trace
+
+
 def replay(
     repo: Repository,
     work: Path,
@@ -76,12 +86,7 @@ def run(quick: bool) -> dict[str, Any]:
     latency = 10.0
     with tempfile.TemporaryDirectory(prefix="bench-latency-") as tmpd:
         tmp = Path(tmpd)
-        image = build_test_vm(tmp / "vm.raw", size=1024 * MiB, payload_mb=90, cold_mb=200 if quick else 400)
-        repo = Repository.init(tmp / "repo", block_size=64 * 1024)
-        run_backup(repo, "vm", [image.path], [])
-        boot_trace = record_trace(repo, tmp)
-        if quick:
-            boot_trace = boot_trace[:1500]
+        repo, boot_trace = traced_test_vm(tmp, quick)
         manifest = repo.load_manifest(repo.get_point("vm").record.disks[0])
         allocated = list(manifest.allocated_blocks())
         rnd = random.Random(5)

@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from bench.common import MiB, bar_chart, stop_process, write_results
-from bench.latency import record_trace
+from bench.latency import traced_test_vm
 from liverestore.backup import run_backup
-from liverestore.repository import Repository
-from liverestore.testvm import build_test_vm
 from tests.test_cli import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,15 +132,10 @@ def _scenario(repo: Path, vms: list[str], cache: Path, trace_file: Path, mode: s
 def run(quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-mass-") as tmpd:
         tmp = Path(tmpd)
-        image = build_test_vm(tmp / "vm.raw", size=1024 * MiB, payload_mb=90, cold_mb=200 if quick else 400)
-        repo = Repository.init(tmp / "repo", block_size=64 * 1024)
-        run_backup(repo, "vm", [image.path], [])
-        trace = record_trace(repo, tmp)
-        if quick:
-            trace = trace[:1500]
+        repo, trace = traced_test_vm(tmp, quick)
         vms = [f"vm{i:02d}" for i in range(1, GUESTS + 1)]
         for vm in vms:  # the same image 16 times: the repository dedups it, each cache is its own
-            run_backup(repo, vm, [image.path], [])
+            run_backup(repo, vm, [tmp / "vm.raw"], [])
         repo.close()
         full, short = tmp / "trace.json", tmp / "trace-short.json"
         full.write_text(json.dumps(trace))

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -59,28 +60,7 @@ def test_demand_read_jumps_a_long_prefetch_queue(tmp_path: Path, start_agent: Ag
 
 
 def _started_order(mode: Mode, jobs: list[tuple[str, FetchClass]]) -> list[str]:
-    order: list[str] = []
-
-    async def main() -> None:
-        sched = FetchScheduler(slots=2, mode=mode)
-        gate = asyncio.Event()
-
-        def job(name: str) -> Job:
-            async def run(_cls: FetchClass) -> None:
-                order.append(name)
-                await gate.wait()
-                await asyncio.sleep(0)
-
-            return run
-
-        # occupy both slots so everything after queues up
-        blockers = [sched.submit(f"block{i}", FetchClass.DEMAND, job(f"block{i}")) for i in range(2)]
-        futs = [sched.submit(name, cls, job(name)) for name, cls in jobs]
-        gate.set()
-        await asyncio.gather(*blockers, *futs)
-
-    asyncio.run(main())
-    return order[2:]
+    return _tenant_order([(name, None, cls) for name, cls in jobs], mode=mode)
 
 
 def test_fair_mode_alternates_demand_and_relocation() -> None:
@@ -120,14 +100,17 @@ def test_demand_promotes_a_queued_prefetch_and_fetches_once() -> None:
     assert runs[2] == ("k4", FetchClass.DEMAND)  # promoted ahead of k0..k3
 
 
-def _tenant_order(setup: list[tuple[str, str, FetchClass]], modes: dict[str, Mode] | None = None) -> list[str]:
+def _tenant_order(
+    setup: Sequence[tuple[str, str | None, FetchClass]], modes: dict[str, Mode] | None = None,
+    mode: Mode = Mode.DEMAND_FIRST,
+) -> list[str]:
     """Start order of (name, tenant, class) jobs queued behind two busy slots."""
     order: list[str] = []
 
     async def main() -> None:
-        sched = FetchScheduler(slots=2, mode=Mode.DEMAND_FIRST)
-        for tenant, mode in (modes or {}).items():
-            sched.set_mode(mode, tenant)
+        sched = FetchScheduler(slots=2, mode=mode)
+        for tenant, tmode in (modes or {}).items():
+            sched.set_mode(tmode, tenant)
         gate = asyncio.Event()
 
         def job(name: str) -> Job:
@@ -138,7 +121,8 @@ def _tenant_order(setup: list[tuple[str, str, FetchClass]], modes: dict[str, Mod
 
             return run
 
-        blockers = [sched.submit(f"block{i}", FetchClass.DEMAND, job(f"block{i}"), "z") for i in range(2)]
+        # occupy both slots so everything after queues up
+        blockers = [sched.submit(f"block{i}", FetchClass.DEMAND, job(f"block{i}")) for i in range(2)]
         futs = [sched.submit(name, cls, job(name), tenant) for name, tenant, cls in setup]
         gate.set()
         await asyncio.gather(*blockers, *futs)
@@ -173,3 +157,38 @@ def test_fifo_is_agent_wide() -> None:
             sched.set_mode(Mode.FIFO, "a")
 
     asyncio.run(main())
+
+
+def test_forget_stops_one_tenant_and_leaves_the_others() -> None:
+    """A point released at its pivot: its running fetch is stopped before its cache closes, its
+    queued ones never start, and another point's work goes on."""
+    ran: list[str] = []
+    stopped: list[str] = []
+
+    async def main() -> None:
+        sched = FetchScheduler(slots=2)
+        gate = asyncio.Event()
+
+        def job(name: str) -> Job:
+            async def run(_cls: FetchClass) -> None:
+                ran.append(name)
+                try:
+                    await gate.wait()
+                except asyncio.CancelledError:
+                    stopped.append(name)
+                    raise
+
+            return run
+
+        a_running = sched.submit("a0", FetchClass.RELOCATION, job("a0"), "a")
+        b_running = sched.submit("b0", FetchClass.DEMAND, job("b0"), "b")
+        a_queued = sched.submit("a1", FetchClass.DEMAND, job("a1"), "a")
+        b_queued = sched.submit("b1", FetchClass.DEMAND, job("b1"), "b")
+        await asyncio.sleep(0)
+        await sched.forget("a")
+        assert a_running.cancelled() and a_queued.cancelled()
+        gate.set()
+        await asyncio.gather(b_running, b_queued)
+
+    asyncio.run(main())
+    assert stopped == ["a0"] and "a1" not in ran and ran.count("b1") == 1

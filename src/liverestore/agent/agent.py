@@ -217,8 +217,7 @@ class MediaAgent:
             return  # released before
         for e in sp.exports.values():
             await e.stop_background()
-        for cls in FetchClass:
-            self.scheduler.cancel_queued(cls, point.id)
+        await self.scheduler.forget(point.id)
         for name in sp.exports:
             self.exports.pop(name, None)
         await asyncio.to_thread(sp.close)  # saves the bitmaps, then gives up the cache lock

@@ -61,6 +61,7 @@ class _Entry:
     enqueued: float
     tenant: Tenant = None
     started: bool = False
+    task: asyncio.Task[None] | None = None  # once started
 
 
 @dataclass
@@ -162,6 +163,17 @@ class FetchScheduler:
                 entry.future.cancel()
                 dropped += 1
         return dropped
+
+    async def forget(self, tenant: Tenant) -> None:
+        """Drop a tenant's queued fetches and stop its running ones (its point is released while
+        the others are served on): nothing of it may write to its cache after this returns."""
+        for cls in FetchClass:
+            self.cancel_queued(cls, tenant)
+        running = [e.task for e in self._pending.values() if e.tenant == tenant and e.task is not None]
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        self._tenants.pop(tenant, None)
 
     async def close(self) -> None:
         """Drop queued work and stop fetches in flight (the agent is shutting down)."""
@@ -268,7 +280,7 @@ class FetchScheduler:
             st.wait_total += wait
             st.wait_max = max(st.wait_max, wait)
             self._running[entry.cls] += 1
-            task = asyncio.get_running_loop().create_task(self._run(entry))
+            task = entry.task = asyncio.get_running_loop().create_task(self._run(entry))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
