@@ -30,6 +30,7 @@ from liverestore.hypervisor.vmspec import DiskSource, VmSpec, render_domain, res
 log = logging.getLogger("liverestore.libvirt")
 
 DEFAULT_URI = "qemu:///system"
+PIVOT_READY_WAIT_S = 30.0  # how long a copy libvirt calls "not ready for pivot yet" may take to become ready
 T = TypeVar("T")
 
 
@@ -341,15 +342,29 @@ class LibvirtVM:
         return out
 
     async def pivot(self) -> None:
-        lv = libvirt_module()
         assert self.spec is not None
         for d in self._from_backup():
-            await self._call(self.dom.blockJobAbort, d.name, lv.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+            await self._pivot_disk(d.name)
         await self._disarm_nbd_reconnect()
         for d in self._from_backup():
             if d.overlay is not None:
                 d.overlay.unlink(missing_ok=True)
         await self.persist()
+
+    async def _pivot_disk(self, disk: str) -> None:
+        """Pivot one disk's copy. ``blockJobInfo`` says cur == end from QEMU's own job state, but
+        libvirt accepts the pivot only once it has handled QEMU's BLOCK_JOB_READY event, which on
+        a loaded host comes a moment later ("not ready for pivot yet"): wait for it, briefly."""
+        lv = libvirt_module()
+        deadline = time.monotonic() + PIVOT_READY_WAIT_S
+        while True:
+            try:
+                await self._call(self.dom.blockJobAbort, disk, lv.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+                return
+            except LiverestoreError as e:
+                if "not ready for pivot" not in str(e) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.2)
 
     async def persist(self) -> None:
         """Define the domain persistently on its local disks (the running one becomes persistent)."""
