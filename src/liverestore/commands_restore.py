@@ -187,12 +187,10 @@ def restore_several(vms: tuple[str, ...], kw: dict[str, Any]) -> None:
             raise LiverestoreError(f"{flag} goes with one --vm (name points as --vm VM@POINT)")
     options = [options_from({**kw, "vm": vm, "point": point}) for vm, point in (vm_at_point(v) for v in vms)]
     repo = Repository.open(kw["repo_path"])
-    job = MassRestore(repo, options)
 
     async def go() -> list[RestoreReport | BaseException]:
         with restore_display(not kw["as_json"]) as show:
-            for r in job.restores:
-                r.on_status = show
+            job = MassRestore(repo, options, show)
             try:
                 results = await (job.resume() if kw["resume"] else job.run())
             except BaseException:  # refused or interrupted: each restore undid its own part already

@@ -95,6 +95,7 @@ class FetchScheduler:
     mode: Mode = Mode.DEMAND_FIRST
     adaptive: AdaptiveLimit | None = None  # when set, ``slots`` follows the link (see concurrency.py)
     _tenants: dict[Tenant, _TenantQueues] = field(default_factory=dict)
+    _rotation: list[_TenantQueues] = field(default_factory=list)  # the tenants in turn order (no copy per pick)
     _fifo: deque[_Entry] = field(default_factory=deque)
     _pending: dict[Hashable, _Entry] = field(default_factory=dict)
     _running: dict[FetchClass, int] = field(default_factory=dict)
@@ -173,7 +174,10 @@ class FetchScheduler:
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
-        self._tenants.pop(tenant, None)
+        t = self._tenants.pop(tenant, None)
+        if t is not None:
+            self._rotation.remove(t)
+            self._next_tenant = 0
 
     async def close(self) -> None:
         """Drop queued work and stop fetches in flight (the agent is shutting down)."""
@@ -202,6 +206,7 @@ class FetchScheduler:
         t = self._tenants.get(tenant)
         if t is None:
             t = self._tenants[tenant] = _TenantQueues()
+            self._rotation.append(t)
         return t
 
     def _enqueue(self, entry: _Entry) -> None:
@@ -260,7 +265,7 @@ class FetchScheduler:
             return None
         if self.mode == Mode.FIFO:
             return self._live_head(self._fifo, None)
-        tenants = list(self._tenants.values())
+        tenants = self._rotation
         passes = [self._foreground, self._background] if free > 1 else [self._foreground]
         for offer in passes:  # every tenant's foreground work before anyone's background work
             for k in range(len(tenants)):
