@@ -167,23 +167,27 @@ def _guest_reads_beside_a_copier(tmp_path: Path, start_agent: AgentFactory, copi
     pb = run_backup(repo, "b", [src / "b.raw"], [])[0]
     agent = start_agent(repo, [pa, pb], cache_dir=tmp_path / f"cache-{copier}", repo_latency_ms=5)
     copy = None
-    if copier:  # a relocation of VM a, as QEMU's mirror or nbdcopy makes it: many large reads in flight
-        copy = subprocess.Popen(["nbdcopy", "--request-size=1048576", f"nbd://127.0.0.1:{agent.port}/a/a", "null:"])
-        deadline = time.monotonic() + 10
-        while agent.agent.server.budget.used < 6 * MiB:  # the copier holds the (shrunk) server budget
-            assert time.monotonic() < deadline and copy.poll() is None, "the copier never filled the budget"
-            time.sleep(0.01)
-    c = NbdClient("127.0.0.1", agent.port, "b/b")
-    t0 = time.monotonic()
-    for i in range(20):
-        c.read(i * 3 * 64 * KiB, 32 * KiB)  # a boot's reads: small, one at a time, each a miss
-    took = time.monotonic() - t0
-    c.close()
-    if copy is not None:
-        assert copy.poll() is None, "the guest's reads ended after the whole copy: they waited behind it"
-        copy.kill()
-        copy.wait()
-    agent.close()
+    try:
+        if copier:  # a relocation of VM a, as QEMU's mirror or nbdcopy makes it: many large reads in flight
+            copy = subprocess.Popen(["nbdcopy", "--request-size=1048576", f"nbd://127.0.0.1:{agent.port}/a/a",
+                                     "null:"])  # fmt: skip
+            deadline = time.monotonic() + 10
+            while agent.agent.server.budget.used < 6 * MiB:  # the copier holds the (shrunk) server budget
+                assert time.monotonic() < deadline and copy.poll() is None, "the copier never filled the budget"
+                time.sleep(0.01)
+        c = NbdClient("127.0.0.1", agent.port, "b/b")
+        t0 = time.monotonic()
+        for i in range(20):
+            c.read(i * 3 * 64 * KiB, 32 * KiB)  # a boot's reads: small, one at a time, each a miss
+        took = time.monotonic() - t0
+        c.close()
+        if copy is not None:
+            assert copy.poll() is None, "the guest's reads ended after the whole copy: they waited behind it"
+    finally:  # the copier this test started, by its handle, whatever failed
+        if copy is not None:
+            copy.kill()
+            copy.wait()
+        agent.close()
     return took
 
 
