@@ -19,6 +19,7 @@ from bench import (
     memory,
     nbd,
     relocation,
+    rto,
     s3,
 )
 from bench.common import RESULTS
@@ -26,7 +27,7 @@ from bench.common import RESULTS
 BENCHMARKS = {"ingest": ingest.run, "nbd": nbd.run, "latency": latency.run, "relocation": relocation.run,
               "boot": boot.run, "libvirt_boot": libvirt_boot.run, "s3": s3.run,
               "live_backup": live_backup.run, "encryption": encryption.run, "memory": memory.run,
-              "mass_restore": mass_restore.run}  # fmt: skip
+              "mass_restore": mass_restore.run, "rto": rto.run}  # fmt: skip
 
 
 def main() -> int:

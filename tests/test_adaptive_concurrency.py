@@ -22,7 +22,7 @@ class InstantStore:
         self.block = block
 
     async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
-        return Fetched(b"", self.block)
+        return Fetched(self.block, self.block)
 
 
 def _run(latency_ms: float, mbps: float, block: int, count: int, adaptive: bool) -> tuple[float, float, int]:

@@ -51,8 +51,9 @@ def test_a_sparse_tebibyte_costs_bytes_per_allocated_block() -> None:
     for i in [*rnd.sample(allocated, 200), 0, count - 1, allocated[0] + 1]:
         assert back.chunk(i) == table.get(i)
         assert back.is_allocated(i) == (i in table)
-    # with the bitmap the agent uses for every read: one bit per block of the disk, on top
-    assert back.memory_bytes() == 40 * len(allocated) + count // 8
+    # as decoded (what an agent holds): 32-bit block numbers, 36 bytes a block; with the bitmap
+    # the agent uses for every read, one bit per block of the disk on top
+    assert back.memory_bytes() == 36 * len(allocated) + count // 8
     assert list(back.allocated_blocks()) == allocated
     assert len(m.to_bytes()) < 50 * len(allocated)
     print(f"1 TiB manifest, {len(allocated)} allocated: built in {built:.1f} s, {back.memory_bytes() / MiB:.1f} MiB")
@@ -70,6 +71,23 @@ def test_format_1_manifests_still_load_and_damage_is_named() -> None:
         DiskManifest.from_bytes(bad, "short")
     with pytest.raises(IntegrityError, match="unreadable"):
         DiskManifest.from_bytes(m.to_bytes()[:-9], "cut")
+
+
+def test_format_2_block_tables_of_the_wrong_length_are_damage() -> None:
+    """The decoder streams the block table into its arrays: a table one byte short or long, a
+    count beyond the disk, or a header with no table are named as damage, never half-loaded."""
+    ids = _ids(3000, 7)
+    m = DiskManifest("d", 4000 * 65536, 65536, [*ids, *([None] * 1000)], "raw")
+    doc = zstandard.ZstdDecompressor().decompress(m.to_bytes())
+    back = DiskManifest.from_bytes(zstandard.ZstdCompressor().compress(doc), "whole")
+    assert list(back.blocks) == list(m.blocks) and back.position(2999) == 2999 and back.position(3000) is None
+    assert back.raw_id(5).hex() == ids[5]
+    header, _, body = doc.partition(b"\n")
+    too_many = json.dumps({**json.loads(header), "allocated": 5000}).encode()
+    for label, bad in [("short", doc[:-1]), ("long", doc + b"\0"), ("no table", header),
+                       ("count", too_many + b"\n" + body)]:  # fmt: skip
+        with pytest.raises(IntegrityError, match=f"manifest {label} is unreadable"):
+            DiskManifest.from_bytes(zstandard.ZstdCompressor().compress(bad), label)
 
 
 def test_set2_streams_a_window_not_the_whole_disk(tmp_path: Path, start_agent: AgentFactory) -> None:

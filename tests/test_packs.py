@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from liverestore.backup import run_backup
-from liverestore.repository import Repository
+from liverestore.repository import DiskManifest, Repository
 from liverestore.repository.backend import Handle
 from liverestore.repository.chunkstore import PackIndex
 from liverestore.retention import forget, prune
@@ -164,3 +164,43 @@ def test_a_damaged_index_object_stops_prune_and_is_named_by_verify(tmp_path: Pat
     assert "Traceback" not in r.stderr and sorted(_files(root / "packs")) == packs_before
     v = subprocess.run([*lr, "verify", "--repo", str(root)], capture_output=True, text=True)
     assert v.returncode == 1 and f"index object {first.name} is unreadable" in v.stderr, v.stderr
+
+
+def test_an_agent_locates_its_blocks_without_holding_the_repository_index(
+    tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    """An agent resolves where its disks' blocks are from the index objects as they stream past
+    and keeps 12 bytes a block, not the merged index of every backup in the repository: blocks
+    shared within a disk and across disks are all found, a chunk no index names is reported as
+    such, and reads are byte-exact with the merged index let go."""
+    repo = Repository.init(tmp_path / "repo", BS)
+    other = tmp_path / "other.raw"
+    _random_disk(other, 8 * MiB, seed=8)
+    run_backup(repo, "big", [other], [])  # chunks this agent never serves
+    disk = tmp_path / "d.raw"
+    block = random.Random(9).randbytes(BS // 2) * 2
+    content = _random_disk(disk, 2 * MiB, seed=10)
+    content = content[: 5 * BS] + block * 3 + content[8 * BS :]  # three blocks share one chunk
+    disk.write_bytes(content)
+    second = tmp_path / "e.raw"
+    second.write_bytes(block + bytes(BS))  # and a second disk shares it too
+    point, _ = run_backup(repo, "vm1", [disk, second], [])
+    manifests = [repo.load_manifest(d) for d in point.record.disks]
+    d_manifest, e_manifest = manifests
+    stray = DiskManifest("x", 2 * BS, BS, ["ef" * 32, d_manifest.chunk(0)], "raw")
+    d_loc, e_loc, x_loc = repo.chunks.locations([d_manifest, e_manifest, stray])
+    merged = repo.chunks.reload()
+    for m, loc in ((d_manifest, d_loc), (e_manifest, e_loc)):
+        for k, (_, cid) in enumerate(m.chunks()):
+            assert loc.at(k) == merged.get(cid), (m.name, k)
+    assert d_loc.at(5) == d_loc.at(6) == d_loc.at(7) == e_loc.at(0) is not None
+    assert x_loc.at(0) is None and x_loc.at(1) == d_loc.at(0)
+
+    agent = start_agent(repo, point)
+    assert repo.chunks._index is None  # let go once the agent's blocks were located
+    c = NbdClient("127.0.0.1", agent.port, "vm1/d")
+    assert c.read(0, len(content)) == content
+    c.close()
+    c = NbdClient("127.0.0.1", agent.port, "vm1/e")
+    assert c.read(0, 2 * BS) == block + bytes(BS)
+    c.close()

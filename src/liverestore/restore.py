@@ -247,7 +247,7 @@ async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: 
         async def copy(idx: int) -> None:
             got = await source.fetch(manifest, idx, lambda data: _pwrite_all(fd, data, idx * manifest.block_size))
             report.blocks_fetched += 1
-            report.bytes_fetched += len(got.data)
+            report.bytes_fetched += got.size
             report.bytes_fetched_stored += got.stored_bytes
 
         inflight: set[asyncio.Task[None]] = set()

@@ -146,7 +146,7 @@ class MediaAgent:
                 wanted = disks.get(point.id) if isinstance(disks, Mapping) else disks
                 self.served.append(self._serve_point(point, prefix, wanted))
             self._check_cache_space()
-            repo.chunks.index()  # read now: the first guest read must not wait for it
+            self.fetcher.locate([e.manifest for e in self.exports.values()])  # now: no guest read waits for it
         except BaseException:  # undo in reverse: each point's exports, cache lock and lease
             for sp in reversed(self.served):
                 sp.close()

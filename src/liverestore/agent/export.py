@@ -101,7 +101,7 @@ class DiskExport:
                 p.ENOSPC if e.errno == errno.ENOSPC else p.EIO, f"cache write failed: {e.strerror}"
             ) from None
         self.read_cache.mark(idx)  # only now: a bit is never set before its block is written
-        self.metrics.record_fetch(str(cls), len(got.data), got.stored_bytes, got.request_share)
+        self.metrics.record_fetch(str(cls), got.size, got.stored_bytes, got.request_share)
 
     def prefetch(self, blocks: Iterable[int], cls: FetchClass) -> list[asyncio.Future[None]]:
         """Queue background copies into the cache; failures are logged by ``_fill``, not raised."""

@@ -18,8 +18,10 @@ which are still read.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import struct
+import sys
 import threading
 import time
 from array import array
@@ -33,6 +35,7 @@ import zstandard
 from liverestore.errors import IntegrityError, RepositoryError, RepositoryUnavailable
 from liverestore.repository.backend import Backend, Handle, ObjectMissing
 from liverestore.repository.crypto import MasterKey
+from liverestore.repository.manifest import ID_BYTES, DiskManifest
 
 log = logging.getLogger("liverestore.chunks")
 
@@ -78,19 +81,23 @@ _RECORD = struct.Struct("<32sIII")  # chunk id, pack number, offset, length
 class PackIndex:
     """Every index object read so far, merged into chunk id → location.
 
-    Held as flat records, because an agent keeps it while it serves: 44 bytes a chunk (a dict
-    of Python objects took about 250). Chunk ids are uniform hashes, so the records are grouped
-    into buckets by their leading bits — about four records a bucket — and a lookup scans one
-    bucket. ``add`` collects records; ``seal`` regroups them and publishes the new table in one
-    assignment, so lookups from other threads never see half of it. The first record of a chunk
-    wins (a chunk stored twice is found where it was first indexed). With ``keep_entries``
-    (prune) it also keeps every pack's full list, duplicates included."""
+    Held as flat records, because an agent keeps it while it serves: 48 bytes a chunk (a dict of
+    Python objects took about 250). The records stay in the order they were added, in one growing
+    bytearray that is never copied; a table of record numbers grouped by the ids' leading bits
+    (chunk ids are uniform hashes: about four records a bucket) finds a chunk by scanning one
+    bucket. Regrouping the records themselves held three copies of them at once, the agent's peak
+    RSS on a large disk; the table costs 4 bytes a chunk. ``seal`` builds the table over every
+    record and publishes it in one assignment: lookups from other threads never see half of it,
+    and records appended later never move the ones a published table names. The first record of
+    a chunk wins (a chunk stored twice is found where it was first indexed). With
+    ``keep_entries`` (prune) it also keeps every pack's full list, duplicates included."""
 
     def __init__(self, keep_entries: bool = False) -> None:
         self._pack_ids: list[str] = []
         self._pack_no: dict[str, int] = {}
-        self._pending = bytearray()
-        self._table: tuple[bytes, array[int], int] = (b"", array("I", [0, 0]), 0)  # records, bucket starts, bits
+        self._records = bytearray()
+        # record numbers grouped by bucket, each bucket's start in it, bits of id per bucket number
+        self._table: tuple[array[int], array[int], int] = (array("I"), array("I", [0, 0]), 0)
         self.entries: dict[str, list[tuple[str, int, int]]] | None = {} if keep_entries else None
         self.objects: set[str] = set()  # index objects already read
         self.problems: list[str] = []  # unreadable index objects (verify reports them)
@@ -102,64 +109,138 @@ class PackIndex:
             self._pack_ids.append(pack)
         listed = self.entries.setdefault(pack, []) if self.entries is not None else None
         for key, offset, length in entries:
-            self._pending += _RECORD.pack(key, no, offset, length)
+            self._records += _RECORD.pack(key, no, offset, length)
             if listed is not None:
                 listed.append((key.hex(), offset, length))
 
     def seal(self) -> None:
-        """Regroup every record (old ones first, in their order, then the added ones)."""
-        if not self._pending:
+        """Publish a table over every record added so far (earlier records first in a bucket)."""
+        records, size = self._records, _RECORD.size
+        n = len(records) // size
+        if n == len(self._table[0]):
             return
-        old = self._table[0]
-        size = _RECORD.size
-        n = (len(old) + len(self._pending)) // size
         bits = max(0, (n // 4).bit_length())
-        counts = array("I", bytes(4 * ((1 << bits) + 1)))
-        for source in (old, self._pending):
-            for r in range(0, len(source), size):
-                counts[int.from_bytes(source[r : r + 4], "big") >> (32 - bits) if bits else 0] += 1
-        starts = array("I", bytes(4 * ((1 << bits) + 1)))
+        shift = 32 - bits  # bits == 0: one bucket
+        starts = array("I", [0]) * ((1 << bits) + 1)
+        for r in range(0, n * size, size):
+            starts[(int.from_bytes(records[r : r + 4], "big") >> shift) + 1] += 1
         for b in range(1 << bits):
-            starts[b + 1] = starts[b] + counts[b]
+            starts[b + 1] += starts[b]
         fill = array("I", starts)
-        grouped = bytearray(n * size)
-        for source in (old, self._pending):
-            for r in range(0, len(source), size):
-                b = int.from_bytes(source[r : r + 4], "big") >> (32 - bits) if bits else 0
-                at = fill[b] * size
-                grouped[at : at + size] = source[r : r + size]
-                fill[b] += 1
-        self._table = (bytes(grouped), starts, bits)
-        self._pending = bytearray()
+        order = array("I", [0]) * n
+        for k in range(n):
+            b = int.from_bytes(records[k * size : k * size + 4], "big") >> shift
+            order[fill[b]] = k
+            fill[b] += 1
+        self._table = (order, starts, bits)
 
-    def get(self, cid: str) -> Location | None:
-        key = bytes.fromhex(cid)
-        records, starts, bits = self._table
-        b = int.from_bytes(key[:4], "big") >> (32 - bits) if bits else 0
+    def find(self, key: bytes) -> tuple[int, int, int] | None:
+        """(pack number, offset, length) of the chunk with this 32-byte id."""
+        records, (order, starts, bits) = self._records, self._table
+        b = int.from_bytes(key[:4], "big") >> (32 - bits)
         size = _RECORD.size
-        for at in range(starts[b] * size, starts[b + 1] * size, size):
+        for k in range(starts[b], starts[b + 1]):
+            at = order[k] * size
             if records[at : at + 32] == key:
                 _, no, offset, length = _RECORD.unpack_from(records, at)
-                return Location(self._pack_ids[no], offset, length)
+                return no, offset, length
         return None
+
+    def get(self, cid: str) -> Location | None:
+        found = self.find(bytes.fromhex(cid))
+        return None if found is None else Location(self._pack_ids[found[0]], found[1], found[2])
 
     def __contains__(self, cid: object) -> bool:
         return isinstance(cid, str) and self.get(cid) is not None
 
     def __len__(self) -> int:
-        return len(self._table[0]) // _RECORD.size
+        return len(self._table[0])
 
     def chunk_ids(self) -> Iterator[str]:
         """Each indexed chunk once."""
-        records, seen = self._table[0], set()
-        for at in range(0, len(records), _RECORD.size):
-            key = records[at : at + 32]
+        records, seen = self._records, set()
+        for at in range(0, len(self._table[0]) * _RECORD.size, _RECORD.size):
+            key = bytes(records[at : at + 32])
             if key not in seen:
                 seen.add(key)
                 yield key.hex()
 
     def has_pack(self, pack: str) -> bool:
         return pack in self._pack_no
+
+
+class ChunkLocations:
+    """Where each allocated block of one manifest is stored: 12 bytes a block (pack number,
+    offset, length). An agent keeps these for the disks it serves instead of the repository's
+    merged index (48 bytes for each chunk of every backup in it), so its memory follows what it
+    serves, not the repository (``ChunkStore.locations`` fills them). A block no index names (a
+    loose chunk of an old repository) is looked up the slow way when read; a pack a prune has
+    moved since is followed by ``ChunkStore.load_run``."""
+
+    UNKNOWN = 0xFFFFFFFF
+
+    def __init__(self, allocated: int, packs: list[str]) -> None:
+        self.packs = packs  # pack names by number (shared by the manifests located together)
+        self.rows = array("I", [self.UNKNOWN]) * (3 * allocated)
+
+    def at(self, position: int) -> Location | None:
+        """Where the allocated block at ``position`` (``DiskManifest.position``) is; None: ask
+        the store."""
+        no, offset, length = self.rows[3 * position : 3 * position + 3]
+        return None if no == self.UNKNOWN else Location(self.packs[no], offset, length)
+
+
+class _IdLookup:
+    """The chunk ids of several manifests grouped by their leading bits, as ``PackIndex`` does
+    (ids are uniform hashes): which blocks hold a given id, at 8 to 12 bytes a block while the
+    index objects stream past. Blocks are numbered across the manifests in
+    turn (``bases``)."""
+
+    def __init__(self, manifests: Sequence[DiskManifest]) -> None:
+        self.ids = [m.raw_ids for m in manifests]
+        self.bases = array("Q", [0])
+        for m in manifests:
+            self.bases.append(self.bases[-1] + m.allocated_count)
+        n = self.bases[-1]
+        self.shift = 32 - min(31, n.bit_length())  # one or two blocks a bucket: few ids compared a key
+        starts = array("I", [0]) * ((1 << (32 - self.shift)) + 1)
+        for ids in self.ids:
+            for prefix in _prefixes(ids):
+                starts[(prefix >> self.shift) + 1] += 1
+        for b in range(len(starts) - 1):
+            starts[b + 1] += starts[b]
+        fill = array("I", starts)
+        order = array("I", [0]) * n
+        for base, ids in zip(self.bases[:-1], self.ids, strict=True):
+            for k, prefix in enumerate(_prefixes(ids)):
+                b = prefix >> self.shift
+                order[fill[b]] = base + k
+                fill[b] += 1
+        self.starts, self.order = starts, order
+
+    def holders(self, key: bytes) -> list[int]:
+        """The numbers of the blocks whose chunk id is ``key`` (usually one, or none)."""
+        b = int.from_bytes(key[:4], sys.byteorder) >> self.shift
+        found = []
+        if len(self.ids) == 1:  # the usual agent: one disk; its block numbers are positions
+            ids = self.ids[0]
+            for g in self.order[self.starts[b] : self.starts[b + 1]]:
+                if ids[g * ID_BYTES : g * ID_BYTES + ID_BYTES] == key:
+                    found.append(g)
+            return found
+        for g in self.order[self.starts[b] : self.starts[b + 1]]:
+            mi = bisect.bisect_right(self.bases, g) - 1
+            k = g - self.bases[mi]
+            if self.ids[mi][k * ID_BYTES : (k + 1) * ID_BYTES] == key:
+                found.append(g)
+        return found
+
+
+def _prefixes(ids: bytes | bytearray) -> Iterator[int]:
+    """The first four bytes of each 32-byte id, as native integers (any uniform bits will do for
+    bucketing, as long as ``holders`` reads keys the same way), one at a time."""
+    with memoryview(ids) as view, view.cast("I") as words:
+        yield from words[:: ID_BYTES // 4]
 
 
 _INDEX_MAGIC = b"LRINDEX1"
@@ -189,7 +270,7 @@ def _decode_index(blob: bytes) -> Iterator[tuple[str, Iterator[tuple[bytes, int,
         first, pos = pos + 36, pos + 36 + count * _ENTRY.size
         if pos > len(data) or len(pack) != 64:
             raise ValueError("truncated index object")
-        yield pack, (_ENTRY.unpack_from(data, first + k * _ENTRY.size) for k in range(count))
+        yield pack, _ENTRY.iter_unpack(data[first:pos])
 
 
 class ChunkStore:
@@ -273,15 +354,52 @@ class ChunkStore:
         index.seal()
 
     def load_index_object(self, name: str, into: PackIndex) -> None:
-        """Read one index object into ``into``, streaming: no object per entry beyond the kept key.
-        Its hash (or seal) is checked first, so damage never gets as far as the decoder."""
+        """Read one index object into ``into``, streaming: no object per entry beyond the kept key."""
+        for pack, entries in _decode_index(self._index_object(name)):
+            into.add(pack, entries)
+
+    def _index_object(self, name: str) -> bytes:
+        """One index object's bytes, its hash (or seal) checked first: damage never gets as
+        far as the decoder."""
         blob = self.backend.load(Handle("index", name))
         if self.key:
             blob = self.key.open(blob, f"index {name}")
         elif chunk_id(blob) != name:
             raise IntegrityError("content does not match its hash")
-        for pack, entries in _decode_index(blob):
-            into.add(pack, entries)
+        return blob
+
+    def locations(self, manifests: Sequence[DiskManifest]) -> list[ChunkLocations]:
+        """Where every block of these manifests is stored, read from the index objects one at a
+        time and never merged: an agent's peak memory is then its manifests plus at most 32 bytes a block
+        (the merged index held 48 bytes for each chunk in the repository on top). Unreadable
+        index objects are logged and skipped, as when the index is merged; the first location
+        given for a block wins, as in the merged index."""
+        lookup = _IdLookup(manifests)
+        packs: list[str] = []
+        out = [ChunkLocations(m.allocated_count, packs) for m in manifests]
+        rows_of = [loc.rows for loc in out]
+        bases = lookup.bases
+        for name in self.backend.list("index"):
+            try:
+                for pack, entries in _decode_index(self._index_object(name)):
+                    no = -1
+                    for key, offset, length in entries:
+                        for g in lookup.holders(key):
+                            mi = bisect.bisect_right(bases, g) - 1 if len(out) > 1 else 0
+                            rows, at = rows_of[mi], 3 * (g - bases[mi])
+                            if rows[at] != ChunkLocations.UNKNOWN:
+                                continue
+                            if no < 0:
+                                no = len(packs)
+                                packs.append(pack)
+                            rows[at], rows[at + 1], rows[at + 2] = no, offset, length
+            except ObjectMissing:
+                continue  # replaced by a prune since the listing
+            except RepositoryUnavailable:
+                raise
+            except (RepositoryError, ValueError, KeyError, TypeError) as e:
+                log.error("index object %s is unreadable (%s: %s)", name, type(e).__name__, e)
+        return out
 
     def reload(self, keep_entries: bool = False) -> PackIndex:
         """Read the whole index again from scratch: a prune may have moved chunks to new packs.
@@ -292,6 +410,12 @@ class ChunkStore:
             self._index = index
             self._last_reload = self._last_refresh = time.monotonic()
             return index
+
+    def drop_index(self) -> None:
+        """Let go of the merged index (an agent keeps ``ChunkLocations`` of what it serves
+        instead); the next lookup reads it again."""
+        with self._index_lock:
+            self._index = None
 
     def locate(self, cid: str) -> Location | None:
         """Where ``cid`` is stored; None when no index names it (a loose chunk, or none at all)."""
@@ -422,6 +546,11 @@ class ChunkStore:
         checked on its own: a damaged chunk fails alone. A transport failure raises for all.
         A pack that is gone may have been repacked by a prune: the index is read again and the
         chunks are looked for where it now says (once)."""
+        return list(self.iter_run(run, moved_ok))
+
+    def iter_run(self, run: Sequence[Want], moved_ok: bool = True) -> Iterator[tuple[bytes, int] | IntegrityError]:
+        """``load_run`` one chunk at a time: the ranged read is made at once, and each chunk is
+        decoded only when asked for, so a reader can let go of one before the next is decoded."""
         first, last = run[0].where, run[-1].where
         if first.pack is None:
             if len(run) != 1:
@@ -429,26 +558,36 @@ class ChunkStore:
             try:
                 blob = self.backend.load(self.handle(run[0].cid))
             except ObjectMissing:
-                return [IntegrityError(f"chunk {run[0].cid} is missing from the repository")]
-            return [self._decode(run[0], blob, 0, len(blob))]
+                return iter([IntegrityError(f"chunk {run[0].cid} is missing from the repository")])
+            return iter([self._decode(run[0], blob, 0, len(blob))])
         span = last.offset + last.length - first.offset
         h = Handle("packs", first.pack)
         try:
             data = self.backend.load(h, first.offset, span)
         except ObjectMissing:
-            if moved_ok and time.monotonic() - self._last_reload >= _REFRESH_MIN_S and not self.reload().has_pack(first.pack):
-                return self._load_moved(run)
-            return [IntegrityError(f"chunk {w.cid} is missing from the repository (object packs/{first.pack} "
-                                   "is gone)") for w in run]  # fmt: skip
-        out: list[tuple[bytes, int] | IntegrityError] = []
+            if moved_ok and self._moved(first.pack):
+                return iter(self._load_moved(run))
+            return iter([IntegrityError(f"chunk {w.cid} is missing from the repository (object packs/{first.pack} "
+                                        "is gone)") for w in run])  # fmt: skip
+        return self._decode_span(run, first, data)
+
+    def _decode_span(self, run: Sequence[Want], first: Location, data: bytes) -> Iterator[tuple[bytes, int] | IntegrityError]:
         for w in run:
             start = w.where.offset - first.offset
             if start + w.where.length > len(data):
-                out.append(IntegrityError(f"chunk {w.cid} is corrupt (object packs/{first.pack} is truncated)"))
+                yield IntegrityError(f"chunk {w.cid} is corrupt (object packs/{first.pack} is truncated)")
             else:
                 got = self._decode(w, data, start, w.where.length)
-                out.append(IntegrityError(f"{got} (object packs/{first.pack})") if isinstance(got, Exception) else got)
-        return out
+                yield IntegrityError(f"{got} (object packs/{first.pack})") if isinstance(got, Exception) else got
+
+    def _moved(self, pack: str) -> bool:
+        """Whether a pack that is gone was repacked by a prune: the index no longer names it.
+        The index is read again when it still does (at most once a second), or when it was let
+        go (``drop_index``); a reader whose locations predate a reload follows the current one."""
+        index = self._index
+        if index is None or (index.has_pack(pack) and time.monotonic() - self._last_reload >= _REFRESH_MIN_S):
+            index = self.reload()
+        return not index.has_pack(pack)
 
     def _load_moved(self, run: Sequence[Want]) -> list[tuple[bytes, int] | IntegrityError]:
         got: dict[str, tuple[bytes, int] | IntegrityError] = {}
@@ -464,10 +603,10 @@ class ChunkStore:
         return [got[w.cid] for w in run]
 
     def _decode(self, w: Want, data: bytes, start: int, length: int) -> tuple[bytes, int] | IntegrityError:
-        blob = data[start : start + length] if (start or length != len(data)) else data
+        blob = memoryview(data)[start : start + length] if (start or length != len(data)) else data
         try:
             if self.key:
-                blob = self.key.open(blob, f"chunk {w.cid}")
+                blob = self.key.open(bytes(blob), f"chunk {w.cid}")
             plain = self._decompressor().decompress(blob, max_output_size=w.size)
         except IntegrityError as e:
             return e

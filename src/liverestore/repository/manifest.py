@@ -16,6 +16,7 @@ import json
 import sys
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import overload
 
 import zstandard
@@ -55,11 +56,12 @@ class DiskManifest:
             if cid is not None:
                 indices.append(i)
                 ids += bytes.fromhex(cid)
-        self._indices, self._ids = indices, bytes(ids)
+        self._indices = indices
+        self._ids: bytes | bytearray = bytes(ids)  # a bytearray when decoded (filled in place)
 
     @classmethod
     def _from_arrays(cls, name: str, virtual_size: int, block_size: int, source_format: str,
-                     indices: array[int], ids: bytes) -> DiskManifest:  # fmt: skip
+                     indices: array[int], ids: bytes | bytearray) -> DiskManifest:  # fmt: skip
         m = cls(name, virtual_size, block_size, (), source_format)
         m._indices, m._ids = indices, ids
         return m
@@ -73,12 +75,25 @@ class DiskManifest:
         """The last block is short when the disk size is not a multiple of the block size."""
         return min(self.block_size, self.virtual_size - index * self.block_size)
 
+    def position(self, index: int) -> int | None:
+        """Where block ``index`` is among the allocated blocks (its row in per-block tables), or
+        None for a hole / all-zero block."""
+        k = bisect.bisect_left(self._indices, index)
+        return k if k < len(self._indices) and self._indices[k] == index else None
+
     def chunk(self, index: int) -> str | None:
         """The chunk id of block ``index``, or None for a hole / all-zero block."""
-        k = bisect.bisect_left(self._indices, index)
-        if k < len(self._indices) and self._indices[k] == index:
-            return self._ids[k * ID_BYTES : (k + 1) * ID_BYTES].hex()
-        return None
+        k = self.position(index)
+        return None if k is None else self._ids[k * ID_BYTES : (k + 1) * ID_BYTES].hex()
+
+    @property
+    def raw_ids(self) -> bytes | bytearray:
+        """Every allocated block's 32-byte chunk id, end to end, as held (do not modify)."""
+        return self._ids
+
+    def raw_id(self, position: int) -> bytes:
+        """The 32-byte chunk id of the allocated block at ``position`` (see ``position``)."""
+        return bytes(self._ids[position * ID_BYTES : (position + 1) * ID_BYTES])
 
     @functools.cached_property
     def _allocation(self) -> bytearray:
@@ -141,10 +156,19 @@ class DiskManifest:
 
     @classmethod
     def from_bytes(cls, blob: bytes, label: str) -> DiskManifest:
+        """Decoded as a stream straight into the two arrays: decompressing the whole document
+        first held it, its body and the arrays at once (about 150 bytes a block at the peak, the
+        agent's peak RSS on a large disk), where streaming holds the arrays and the blob alone."""
         try:
-            doc = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 31)
-            header_line, _, body = doc.partition(b"\n")
-            header = json.loads(header_line)
+            reader = zstandard.ZstdDecompressor().stream_reader(blob)
+            head = bytearray()
+            while b"\n" not in head and len(head) < _MAX_HEADER:
+                more = reader.read(64 * 1024)
+                if not more:
+                    break
+                head += more
+            header_line, newline, rest = bytes(head).partition(b"\n")
+            header = json.loads(header_line if newline else bytes(head) + reader.read())
             if header.get("version", 1) == 1:
                 blocks = _v1_blocks(header["blocks"])
                 m = cls(str(header["name"]), int(header["virtual_size"]), int(header["block_size"]), blocks,
@@ -152,16 +176,15 @@ class DiskManifest:
                 if len(blocks) != m.block_count:
                     raise ValueError("block table length")
             else:
-                n = int(header["allocated"])
-                if len(body) != n * (8 + ID_BYTES):
+                n, count = int(header["allocated"]), -(-int(header["virtual_size"]) // max(1, int(header["block_size"])))
+                if not newline or not 0 <= n <= count:
                     raise ValueError("block table length")
-                indices = _u64()
-                indices.frombytes(body[: 8 * n])
-                if sys.byteorder != "little":
-                    indices.byteswap()
+                indices = _read_indices(reader, rest, n, count)
+                ids = bytearray(n * ID_BYTES)
+                _fill(reader, indices.leftover, memoryview(ids))
                 m = cls._from_arrays(str(header["name"]), int(header["virtual_size"]), int(header["block_size"]),
-                                     str(header.get("source_format", "raw")), indices, bytes(body[8 * n :]))  # fmt: skip
-        except (zstandard.ZstdError, ValueError, KeyError, TypeError) as e:
+                                     str(header.get("source_format", "raw")), indices.numbers, ids)  # fmt: skip
+        except (zstandard.ZstdError, ValueError, KeyError, TypeError, OverflowError) as e:
             raise IntegrityError(f"manifest {label} is unreadable ({type(e).__name__})") from None
         count = m.block_count if m.block_size > 0 else -1
         idx = m._indices
@@ -169,6 +192,54 @@ class DiskManifest:
                 or (len(idx) and idx[-1] >= count)):  # fmt: skip
             raise IntegrityError(f"manifest {label} is inconsistent (block table does not match its size)")
         return m
+
+
+_MAX_HEADER = 1 << 20  # a format-2 header line is a few hundred bytes
+
+
+def _fill(reader: zstandard.ZstdDecompressionReader, start: bytes | memoryview, view: memoryview) -> None:
+    """Fill ``view`` from ``start`` and then ``reader``; the stream must end exactly where the
+    view does (a short or long block table is damage)."""
+    pending = memoryview(start)
+    pos = min(len(pending), len(view))
+    view[:pos] = pending[:pos]
+    pending = pending[pos:]
+    while pos < len(view):
+        got = reader.readinto(view[pos:])
+        if got <= 0:
+            raise ValueError("block table length")
+        pos += got
+    if len(pending) or reader.read(1):
+        raise ValueError("block table length")
+
+
+@dataclass
+class _Indices:
+    numbers: array[int]
+    leftover: memoryview  # what was read past the block numbers: the start of the ids
+
+
+def _read_indices(reader: zstandard.ZstdDecompressionReader, start: bytes, n: int, block_count: int) -> _Indices:
+    """The ``n`` stored 64-bit block numbers, held as 32-bit ones where the disk's block count
+    allows (always, below 256 TiB at 64 KiB blocks): 36 bytes a block instead of 40. Read in
+    slices, so the 64-bit form never exists whole."""
+    numbers = array("I" if block_count <= 1 << 32 else "Q")
+    buf, left = bytearray(start), 8 * n
+    while left:
+        take = min(64 * 1024, left)
+        while len(buf) < take:
+            more = reader.read(take - len(buf))
+            if not more:
+                raise ValueError("block table length")
+            buf += more
+        part = array("Q")
+        part.frombytes(bytes(buf[:take]))
+        del buf[:take]
+        if sys.byteorder != "little":
+            part.byteswap()
+        numbers.fromlist(part.tolist())  # a number past the block count is caught by the caller's check
+        left -= take
+    return _Indices(numbers, memoryview(bytes(buf)))
 
 
 def _v1_blocks(blocks: object) -> list[str | None]:
