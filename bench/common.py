@@ -47,6 +47,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def series(results: dict[str, dict[str, Any]], keys: dict[str, str]) -> dict[str, list[float]]:
+    """Chart series from result rows: each label gets that key of every row, in row order."""
+    return {label: [row[key] for row in results.values()] for label, key in keys.items()}
+
+
 def bar_chart(
     name: str, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str, log: bool = False
 ) -> Path:

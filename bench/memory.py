@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import MiB, bar_chart, stop_process, write_results, write_spread
+from bench.common import MiB, bar_chart, series, stop_process, write_results, write_spread
 from bench.nbd import _free_port, _wait_port
 from liverestore.backup import run_backup
 from liverestore.repository import Repository
@@ -79,10 +79,8 @@ def run(quick: bool) -> dict[str, Any]:
                          r["rss_over_budget"], r["cold_read_s"]])  # fmt: skip
             print(f"memory {label}: {r}", flush=True)
             shutil.rmtree(repo_path)
-    bar_chart("memory", "agent peak RSS vs the budget (64 MiB + 48 B per allocated block)", list(results), {
-        "peak RSS MiB": [r["peak_rss_mib"] for r in results.values()],
-        "budget MiB": [r["budget_mib"] for r in results.values()],
-    }, "MiB")  # fmt: skip
+    bar_chart("memory", "agent peak RSS vs the budget (64 MiB + 48 B per allocated block)", list(results),
+              series(results, {"peak RSS MiB": "peak_rss_mib", "budget MiB": "budget_mib"}), "MiB")  # fmt: skip
     notes = (
         "Peak RSS (VmHWM) of `liverestore serve` after nbdcopy read every allocated block of the export from a "
         "cold cache (1 MiB requests, 16 in flight; holes skipped by block status). 64 KiB blocks, repository on "

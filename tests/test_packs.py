@@ -188,13 +188,16 @@ def test_an_agent_locates_its_blocks_without_holding_the_repository_index(
     manifests = [repo.load_manifest(d) for d in point.record.disks]
     d_manifest, e_manifest = manifests
     stray = DiskManifest("x", 2 * BS, BS, ["ef" * 32, d_manifest.chunk(0)], "raw")
-    d_loc, e_loc, x_loc = repo.chunks.locations([d_manifest, e_manifest, stray])
+    repo.chunks.drop_index()
+    streamed = repo.chunks.locations([d_manifest, e_manifest, stray])  # from the index objects
     merged = repo.chunks.reload()
-    for m, loc in ((d_manifest, d_loc), (e_manifest, e_loc)):
-        for k, (_, cid) in enumerate(m.chunks()):
-            assert loc.at(k) == merged.get(cid), (m.name, k)
-    assert d_loc.at(5) == d_loc.at(6) == d_loc.at(7) == e_loc.at(0) is not None
-    assert x_loc.at(0) is None and x_loc.at(1) == d_loc.at(0)
+    from_merged = repo.chunks.locations([d_manifest, e_manifest, stray])  # from the index in memory
+    for d_loc, e_loc, x_loc in (streamed, from_merged):
+        for m, loc in ((d_manifest, d_loc), (e_manifest, e_loc)):
+            for k, (_, cid) in enumerate(m.chunks()):
+                assert loc.at(k) == merged.get(cid), (m.name, k)
+        assert d_loc.at(5) == d_loc.at(6) == d_loc.at(7) == e_loc.at(0) is not None
+        assert x_loc.at(0) is None and x_loc.at(1) == d_loc.at(0)
 
     agent = start_agent(repo, point)
     assert repo.chunks._index is None  # let go once the agent's blocks were located

@@ -146,6 +146,10 @@ class PackIndex:
                 return no, offset, length
         return None
 
+    def pack_name(self, number: int) -> str:
+        """The pack a ``find`` result's number names."""
+        return self._pack_ids[number]
+
     def get(self, cid: str) -> Location | None:
         found = self.find(bytes.fromhex(cid))
         return None if found is None else Location(self._pack_ids[found[0]], found[1], found[2])
@@ -193,8 +197,7 @@ class ChunkLocations:
 class _IdLookup:
     """The chunk ids of several manifests grouped by their leading bits, as ``PackIndex`` does
     (ids are uniform hashes): which blocks hold a given id, at 8 to 12 bytes a block while the
-    index objects stream past. Blocks are numbered across the manifests in
-    turn (``bases``)."""
+    index objects stream past. Blocks are numbered across the manifests in turn (``bases``)."""
 
     def __init__(self, manifests: Sequence[DiskManifest]) -> None:
         self.ids = [m.raw_ids for m in manifests]
@@ -218,21 +221,15 @@ class _IdLookup:
                 fill[b] += 1
         self.starts, self.order = starts, order
 
-    def holders(self, key: bytes) -> list[int]:
-        """The numbers of the blocks whose chunk id is ``key`` (usually one, or none)."""
+    def holders(self, key: bytes) -> list[tuple[int, int]]:
+        """(manifest number, position) of each block whose chunk id is ``key`` (usually one)."""
         b = int.from_bytes(key[:4], sys.byteorder) >> self.shift
         found = []
-        if len(self.ids) == 1:  # the usual agent: one disk; its block numbers are positions
-            ids = self.ids[0]
-            for g in self.order[self.starts[b] : self.starts[b + 1]]:
-                if ids[g * ID_BYTES : g * ID_BYTES + ID_BYTES] == key:
-                    found.append(g)
-            return found
         for g in self.order[self.starts[b] : self.starts[b + 1]]:
-            mi = bisect.bisect_right(self.bases, g) - 1
+            mi = bisect.bisect_right(self.bases, g) - 1 if len(self.ids) > 1 else 0  # one disk: g is k
             k = g - self.bases[mi]
-            if self.ids[mi][k * ID_BYTES : (k + 1) * ID_BYTES] == key:
-                found.append(g)
+            if self.ids[mi][k * ID_BYTES : k * ID_BYTES + ID_BYTES] == key:
+                found.append((mi, k))
         return found
 
 
@@ -370,23 +367,25 @@ class ChunkStore:
 
     def locations(self, manifests: Sequence[DiskManifest]) -> list[ChunkLocations]:
         """Where every block of these manifests is stored, read from the index objects one at a
-        time and never merged: an agent's peak memory is then its manifests plus at most 32 bytes a block
-        (the merged index held 48 bytes for each chunk in the repository on top). Unreadable
+        time and never merged: an agent's peak memory is then its manifests plus at most 32
+        bytes a block (the merged index held 48 bytes for each chunk in the repository on top). Unreadable
         index objects are logged and skipped, as when the index is merged; the first location
         given for a block wins, as in the merged index."""
-        lookup = _IdLookup(manifests)
         packs: list[str] = []
         out = [ChunkLocations(m.allocated_count, packs) for m in manifests]
+        merged = self._index
+        if merged is not None:  # read already (a restore reads its configs first): no second download
+            self._locate_in(merged, manifests, out)
+            return out
+        lookup = _IdLookup(manifests)
         rows_of = [loc.rows for loc in out]
-        bases = lookup.bases
         for name in self.backend.list("index"):
             try:
                 for pack, entries in _decode_index(self._index_object(name)):
                     no = -1
                     for key, offset, length in entries:
-                        for g in lookup.holders(key):
-                            mi = bisect.bisect_right(bases, g) - 1 if len(out) > 1 else 0
-                            rows, at = rows_of[mi], 3 * (g - bases[mi])
+                        for mi, k in lookup.holders(key):
+                            rows, at = rows_of[mi], 3 * k
                             if rows[at] != ChunkLocations.UNKNOWN:
                                 continue
                             if no < 0:
@@ -400,6 +399,20 @@ class ChunkStore:
             except (RepositoryError, ValueError, KeyError, TypeError) as e:
                 log.error("index object %s is unreadable (%s: %s)", name, type(e).__name__, e)
         return out
+
+    @staticmethod
+    def _locate_in(index: PackIndex, manifests: Sequence[DiskManifest], out: list[ChunkLocations]) -> None:
+        numbers: dict[int, int] = {}  # the index's pack numbers -> those of ``out``
+        for m, loc in zip(manifests, out, strict=True):
+            for k in range(m.allocated_count):
+                found = index.find(m.raw_id(k))
+                if found is None:
+                    continue
+                no = numbers.get(found[0])
+                if no is None:
+                    no = numbers[found[0]] = len(loc.packs)
+                    loc.packs.append(index.pack_name(found[0]))
+                loc.rows[3 * k], loc.rows[3 * k + 1], loc.rows[3 * k + 2] = no, found[1], found[2]
 
     def reload(self, keep_entries: bool = False) -> PackIndex:
         """Read the whole index again from scratch: a prune may have moved chunks to new packs.
