@@ -374,6 +374,8 @@ class ChunkStore:
         packs: list[str] = []
         out = [ChunkLocations(m.allocated_count, packs) for m in manifests]
         merged = self._index
+        if not any(m.allocated_count for m in manifests):
+            return out  # empty disks: nothing to look for
         if merged is not None:  # read already (a restore reads its configs first): no second download
             self._locate_in(merged, manifests, out)
             return out

@@ -1,11 +1,12 @@
 """Per-disk manifest: the block → chunk map that makes a restore point addressable block by block.
 
 Held compactly, because the agent keeps one per disk for as long as it serves: the allocated
-block numbers as one array of 64-bit integers and their chunk ids as one byte string of 32-byte
-digests — 40 bytes per allocated block and nothing per hole, so a 1 TiB disk with 8 GiB
-allocated in 64 KiB blocks costs 5 MiB, not a Python string per block (a tuple of 16 million
-entries alone was 128 MiB). Stored the same way (format 2: a JSON header line, then the two
-arrays, zstd-compressed); manifests of format 1 (JSON with one entry per block) still load.
+block numbers as one array of integers (32-bit once decoded, where the disk allows) and their
+chunk ids as one byte string of 32-byte digests — 36 bytes per allocated block and nothing per
+hole, so a 1 TiB disk with 8 GiB allocated in 64 KiB blocks costs 4.5 MiB, not a Python string
+per block (a tuple of 16 million entries alone was 128 MiB). Stored the same way (format 2: a
+JSON header line, then 64-bit block numbers and the ids, zstd-compressed); manifests of format 1
+(JSON with one entry per block) still load.
 """
 
 from __future__ import annotations
