@@ -19,13 +19,14 @@ which are still read.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import struct
 import sys
 import threading
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -120,18 +121,9 @@ class PackIndex:
         if n == len(self._table[0]):
             return
         bits = max(0, (n // 4).bit_length())
-        shift = 32 - bits  # bits == 0: one bucket
-        starts = array("I", [0]) * ((1 << bits) + 1)
-        for r in range(0, n * size, size):
-            starts[(int.from_bytes(records[r : r + 4], "big") >> shift) + 1] += 1
-        for b in range(1 << bits):
-            starts[b + 1] += starts[b]
-        fill = array("I", starts)
-        order = array("I", [0]) * n
-        for k in range(n):
-            b = int.from_bytes(records[k * size : k * size + 4], "big") >> shift
-            order[fill[b]] = k
-            fill[b] += 1
+        starts, order = _group_by_bucket(
+            lambda: (int.from_bytes(records[r : r + 4], "big") for r in range(0, n * size, size)), n, 32 - bits
+        )
         self._table = (order, starts, bits)
 
     def find(self, key: bytes) -> tuple[int, int, int] | None:
@@ -173,6 +165,24 @@ class PackIndex:
         return pack in self._pack_no
 
 
+def _group_by_bucket(prefixes: Callable[[], Iterator[int]], n: int, shift: int) -> tuple[array[int], array[int]]:
+    """A counting sort of items 0..n-1 by bucket (``prefix >> shift``; ``prefixes()`` gives each
+    item's prefix in item order, and is called twice): each bucket's start, and the item numbers
+    grouped by bucket, ascending within one. 4 bytes an item and 4 a bucket: no item is copied."""
+    starts = array("I", [0]) * ((1 << (32 - shift)) + 1)
+    for prefix in prefixes():
+        starts[(prefix >> shift) + 1] += 1
+    for b in range(len(starts) - 1):
+        starts[b + 1] += starts[b]
+    fill = array("I", starts)
+    order = array("I", [0]) * n
+    for k, prefix in enumerate(prefixes()):
+        b = prefix >> shift
+        order[fill[b]] = k
+        fill[b] += 1
+    return starts, order
+
+
 class ChunkLocations:
     """Where each allocated block of one manifest is stored: 12 bytes a block (pack number,
     offset, length). An agent keeps these for the disks it serves instead of the repository's
@@ -206,20 +216,9 @@ class _IdLookup:
             self.bases.append(self.bases[-1] + m.allocated_count)
         n = self.bases[-1]
         self.shift = 32 - min(31, n.bit_length())  # one or two blocks a bucket: few ids compared a key
-        starts = array("I", [0]) * ((1 << (32 - self.shift)) + 1)
-        for ids in self.ids:
-            for prefix in _prefixes(ids):
-                starts[(prefix >> self.shift) + 1] += 1
-        for b in range(len(starts) - 1):
-            starts[b + 1] += starts[b]
-        fill = array("I", starts)
-        order = array("I", [0]) * n
-        for base, ids in zip(self.bases[:-1], self.ids, strict=True):
-            for k, prefix in enumerate(_prefixes(ids)):
-                b = prefix >> self.shift
-                order[fill[b]] = base + k
-                fill[b] += 1
-        self.starts, self.order = starts, order
+        self.starts, self.order = _group_by_bucket(
+            lambda: itertools.chain.from_iterable(_prefixes(ids) for ids in self.ids), n, self.shift
+        )
 
     def holders(self, key: bytes) -> list[tuple[int, int]]:
         """(manifest number, position) of each block whose chunk id is ``key`` (usually one)."""
@@ -256,7 +255,10 @@ def _encode_index(packs: dict[str, list[tuple[str, int, int]]]) -> bytes:
     return bytes(zstandard.ZstdCompressor(level=3).compress(bytes(out)))
 
 
-def _decode_index(blob: bytes) -> Iterator[tuple[str, Iterator[tuple[bytes, int, int]]]]:
+_IndexPacks = Iterator[tuple[str, Iterator[tuple[bytes, int, int]]]]  # (pack, its (chunk id, offset, length)s)
+
+
+def _decode_index(blob: bytes) -> _IndexPacks:
     data = memoryview(zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 31))
     if data[: len(_INDEX_MAGIC)] != _INDEX_MAGIC:
         raise ValueError("not an index object")
@@ -332,28 +334,39 @@ class ChunkStore:
             return index
 
     def _read_index_objects(self, index: PackIndex) -> None:
+        def take(_name: str, packs: _IndexPacks) -> None:
+            for pack, entries in packs:
+                index.add(pack, entries)
+
+        read, problems = self._each_index_object(take, skip=index.objects)
+        for problem in problems:
+            if problem not in index.problems:
+                index.problems.append(problem)
+                log.error("%s", problem)
+        index.objects.update(read)
+        index.seal()
+
+    def _each_index_object(self, take: Callable[[str, _IndexPacks], None], skip: Collection[str] = ()
+                           ) -> tuple[list[str], list[str]]:  # fmt: skip
+        """Hand every index object not in ``skip`` to ``take``, decoded as it is consumed (no
+        object per entry). The names read, and a line for each that could not be: one a prune
+        replaced since the listing is passed over, an outage raises."""
+        read: list[str] = []
+        problems: list[str] = []
         for name in self.backend.list("index"):
-            if name in index.objects:
+            if name in skip:
                 continue
             try:
-                self.load_index_object(name, index)
+                take(name, _decode_index(self._index_object(name)))
             except ObjectMissing:
-                continue  # replaced by a prune since the listing
+                continue
             except RepositoryUnavailable:
                 raise
             except (RepositoryError, ValueError, KeyError, TypeError) as e:
-                problem = f"index object {name} is unreadable ({type(e).__name__}: {e})"
-                if problem not in index.problems:
-                    index.problems.append(problem)
-                    log.error("%s", problem)
+                problems.append(f"index object {name} is unreadable ({type(e).__name__}: {e})")
                 continue
-            index.objects.add(name)
-        index.seal()
-
-    def load_index_object(self, name: str, into: PackIndex) -> None:
-        """Read one index object into ``into``, streaming: no object per entry beyond the kept key."""
-        for pack, entries in _decode_index(self._index_object(name)):
-            into.add(pack, entries)
+            read.append(name)
+        return read, problems
 
     def _index_object(self, name: str) -> bytes:
         """One index object's bytes, its hash (or seal) checked first: damage never gets as
@@ -381,25 +394,22 @@ class ChunkStore:
             return out
         lookup = _IdLookup(manifests)
         rows_of = [loc.rows for loc in out]
-        for name in self.backend.list("index"):
-            try:
-                for pack, entries in _decode_index(self._index_object(name)):
-                    no = -1
-                    for key, offset, length in entries:
-                        for mi, k in lookup.holders(key):
-                            rows, at = rows_of[mi], 3 * k
-                            if rows[at] != ChunkLocations.UNKNOWN:
-                                continue
-                            if no < 0:
-                                no = len(packs)
-                                packs.append(pack)
-                            rows[at], rows[at + 1], rows[at + 2] = no, offset, length
-            except ObjectMissing:
-                continue  # replaced by a prune since the listing
-            except RepositoryUnavailable:
-                raise
-            except (RepositoryError, ValueError, KeyError, TypeError) as e:
-                log.error("index object %s is unreadable (%s: %s)", name, type(e).__name__, e)
+
+        def take(_name: str, index_packs: _IndexPacks) -> None:
+            for pack, entries in index_packs:
+                no = -1
+                for key, offset, length in entries:
+                    for mi, k in lookup.holders(key):
+                        rows, at = rows_of[mi], 3 * k
+                        if rows[at] != ChunkLocations.UNKNOWN:
+                            continue
+                        if no < 0:
+                            no = len(packs)
+                            packs.append(pack)
+                        rows[at], rows[at + 1], rows[at + 2] = no, offset, length
+
+        for problem in self._each_index_object(take)[1]:
+            log.error("%s", problem)
         return out
 
     @staticmethod

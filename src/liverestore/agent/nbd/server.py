@@ -43,31 +43,13 @@ REFUSAL_LOG_INTERVAL_S = 10.0
 
 class ByteBudget:
     """At most ``limit`` bytes granted at once; a single request larger than the limit still runs
-    (alone), so nothing waits forever. Waiting here is the backpressure: the connection's reader
-    stops taking requests until replies have left."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._cond = asyncio.Condition()
-
-    async def acquire(self, n: int) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
-            self.used += n
-
-    async def release(self, n: int) -> None:
-        async with self._cond:
-            self.used -= n
-            self._cond.notify_all()
-
-
-class FairByteBudget:
-    """The server-wide budget: the same bound as ``ByteBudget``, but freed bytes go first to the
-    waiting connection that holds the least. Granted in arrival order, a guest's 32 KiB boot read
-    queued behind the 256 KiB reads of every bulk copier (a mass restore's relocations hold the
-    whole budget while their fetches wait for the repository): fairness between VMs ended at the
-    server's door, before the scheduler saw the read."""
+    (alone), so nothing waits forever. Waiting here is the backpressure: a connection's reader
+    stops taking requests until replies have left. Freed bytes go first to the waiter that holds
+    the least elsewhere (``held``): granted in arrival order, the server-wide budget let a guest's
+    32 KiB boot read queue behind the 256 KiB reads of every bulk copier (a mass restore's
+    relocations hold the whole budget while their fetches wait for the repository), so fairness
+    between VMs ended at the server's door, before the scheduler saw the read. A connection's own
+    budget has one reader taking from it, so there the order cannot matter."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -75,7 +57,7 @@ class FairByteBudget:
         self._waiters: list[tuple[int, int, int, asyncio.Future[None]]] = []  # (held, arrival, n, grant)
         self._arrivals = itertools.count()
 
-    async def acquire(self, n: int, held: int) -> None:
+    async def acquire(self, n: int, held: int = 0) -> None:
         """Take ``n`` bytes for a connection that already holds ``held``."""
         if not self._waiters and self._fits(n):
             self.used += n
@@ -164,7 +146,7 @@ class NbdServer:
         self._writers: set[asyncio.StreamWriter] = set()
         self._handshaking: dict[asyncio.StreamWriter, float] = {}  # still negotiating, since when
         self.active_connections = 0
-        self.budget = FairByteBudget(SERVER_BYTES_IN_FLIGHT)
+        self.budget = ByteBudget(SERVER_BYTES_IN_FLIGHT)
         self.dropped_handshakes = 0
         self.refused = 0
         self._last_refusal_log = 0.0
@@ -438,9 +420,7 @@ class NbdServer:
                 if cmd == p.CMD_WRITE:
                     if length > p.MAX_REQUEST:
                         raise ProtocolViolation(f"write of {length} bytes exceeds the maximum")
-                    held = budget.used
-                    await budget.acquire(cost)
-                    await self.budget.acquire(cost, held)
+                    await self._reserve(budget, cost)
                     payload = await reader.readexactly(length)
                 if cmd == p.CMD_DISC:
                     break
@@ -463,9 +443,7 @@ class NbdServer:
                         await writer.drain()
                     continue
                 if cmd != p.CMD_WRITE:
-                    held = budget.used
-                    await budget.acquire(cost)
-                    await self.budget.acquire(cost, held)
+                    await self._reserve(budget, cost)
                 await slots.acquire()
                 task = asyncio.create_task(self._request(
                     writer, lock, export, sess, clog, flags, cmd, handle, offset, length, payload
@@ -481,10 +459,17 @@ class NbdServer:
         with contextlib.suppress(ExportError):
             await export.flush()
 
+    async def _reserve(self, budget: ByteBudget, n: int) -> None:
+        """Take ``n`` reply bytes from the connection's budget, then from the server's (where a
+        connection holding less goes first)."""
+        held = budget.used
+        await budget.acquire(n)
+        await self.budget.acquire(n, held)
+
     def _release(self, budget: ByteBudget, n: int, _task: object = None) -> None:
         if n:
             self.budget.release(n)
-            asyncio.get_running_loop().create_task(budget.release(n))
+            budget.release(n)
 
     async def _request(
         self,
