@@ -334,7 +334,7 @@ class ChunkStore:
             return index
 
     def _read_index_objects(self, index: PackIndex) -> None:
-        def take(_name: str, packs: _IndexPacks) -> None:
+        def take(packs: _IndexPacks) -> None:
             for pack, entries in packs:
                 index.add(pack, entries)
 
@@ -346,7 +346,7 @@ class ChunkStore:
         index.objects.update(read)
         index.seal()
 
-    def _each_index_object(self, take: Callable[[str, _IndexPacks], None], skip: Collection[str] = ()
+    def _each_index_object(self, take: Callable[[_IndexPacks], None], skip: Collection[str] = ()
                            ) -> tuple[list[str], list[str]]:  # fmt: skip
         """Hand every index object not in ``skip`` to ``take``, decoded as it is consumed (no
         object per entry). The names read, and a line for each that could not be: one a prune
@@ -357,7 +357,7 @@ class ChunkStore:
             if name in skip:
                 continue
             try:
-                take(name, _decode_index(self._index_object(name)))
+                take(_decode_index(self._index_object(name)))
             except ObjectMissing:
                 continue
             except RepositoryUnavailable:
@@ -381,9 +381,9 @@ class ChunkStore:
     def locations(self, manifests: Sequence[DiskManifest]) -> list[ChunkLocations]:
         """Where every block of these manifests is stored, read from the index objects one at a
         time and never merged: an agent's peak memory is then its manifests plus at most 32
-        bytes a block (the merged index held 48 bytes for each chunk in the repository on top). Unreadable
-        index objects are logged and skipped, as when the index is merged; the first location
-        given for a block wins, as in the merged index."""
+        bytes a block (the merged index held 48 bytes for each chunk in the repository on top).
+        Unreadable index objects are logged and skipped, as when the index is merged; the first
+        location given for a block wins, as in the merged index."""
         packs: list[str] = []
         out = [ChunkLocations(m.allocated_count, packs) for m in manifests]
         merged = self._index
@@ -395,7 +395,7 @@ class ChunkStore:
         lookup = _IdLookup(manifests)
         rows_of = [loc.rows for loc in out]
 
-        def take(_name: str, index_packs: _IndexPacks) -> None:
+        def take(index_packs: _IndexPacks) -> None:
             for pack, entries in index_packs:
                 no = -1
                 for key, offset, length in entries:
