@@ -10,6 +10,7 @@ Repeated for several virtual disk sizes holding the same data: (c) must not grow
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -59,8 +60,11 @@ async def _classic(repo: Repository, work: Path, tag: str, setting: dict[str, An
 def three_ways(repo: Repository, work: Path, tag: str, setting: dict[str, Any]) -> tuple[float, float, float, float]:
     """Times to boot of a classic restore, an instant one without the profile (which records
     it) and one with it, side by side; and the classic restore's boot after its launch."""
+    os.sync()  # each run starts with no write-back of the one before still going
     classic, boot_s = asyncio.run(_classic(repo, work, tag, setting))
+    os.sync()  # the classic copy's GiBs would otherwise be written back during the instant boots
     cold = asyncio.run(instant_boot(repo, work, tag + "-cold", setting, profile=False))
+    os.sync()
     warm = asyncio.run(instant_boot(repo, work, tag + "-warm", setting, profile=True))
     return classic, cold, warm, boot_s
 

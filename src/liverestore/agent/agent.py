@@ -192,10 +192,13 @@ class MediaAgent:
     def _check_cache_space(self) -> None:
         """Relocation brings every allocated block through the cache: refuse to start a restore
         that would hit ENOSPC half-way, when the fix (another --cache-dir) is cheap now."""
-        need = sum(
-            e.manifest.block_length(i) for e in self.exports.values() for i in e.manifest.allocated_blocks()
-            if not e.read_cache.has(i)
-        )  # fmt: skip
+        need = 0
+        for e in self.exports.values():
+            m, cache = e.manifest, e.read_cache
+            if not cache.present:  # every allocated byte: no walk over millions of blocks at start
+                need += m.allocated_bytes
+            else:
+                need += sum(m.block_length(i) for i in m.allocated_blocks() if not cache.has(i))
         st = os.statvfs(self.config.cache_dir)
         free = st.f_bavail * st.f_frsize
         if free < need:

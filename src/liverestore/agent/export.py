@@ -79,9 +79,13 @@ class DiskExport:
         return range(offset // self.block_size, (offset + length - 1) // self.block_size + 1)
 
     async def ensure(self, idx: int, cls: FetchClass) -> None:
-        if self.present(idx):
-            return
-        await self.scheduler.submit((self.name, idx), cls, functools.partial(self._fill, idx), self.tenant)
+        if not self.present(idx):
+            await self._submit(idx, cls)
+
+    def _submit(self, idx: int, cls: FetchClass) -> asyncio.Future[None]:
+        """The scheduler's future for block ``idx`` (queued, or joined when already pending). A read
+        waits on these futures themselves: wrapping each in a task cost a task per block."""
+        return self.scheduler.submit((self.name, idx), cls, functools.partial(self._fill, idx), self.tenant)
 
     async def _fill(self, idx: int, cls: FetchClass) -> None:
         if self.present(idx):
@@ -108,7 +112,7 @@ class DiskExport:
         futs = []
         for idx in blocks:
             if not self.present(idx):
-                fut = self.scheduler.submit((self.name, idx), cls, functools.partial(self._fill, idx), self.tenant)
+                fut = self._submit(idx, cls)
                 fut.add_done_callback(_swallow)
                 futs.append(fut)
         return futs
@@ -135,7 +139,7 @@ class DiskExport:
         missing = [i for i in blocks if not self.present(i) and not (cow and cow.has(i))]
         try:
             if missing:
-                await asyncio.gather(*(self.ensure(i, FetchClass.DEMAND) for i in missing))
+                await asyncio.gather(*(self._submit(i, FetchClass.DEMAND) for i in missing))
         except ExportError:
             self.metrics.read_errors += 1
             raise
