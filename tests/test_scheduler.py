@@ -192,3 +192,38 @@ def test_forget_stops_one_tenant_and_leaves_the_others() -> None:
 
     asyncio.run(main())
     assert stopped == ["a0"] and "a1" not in ran and ran.count("b1") == 1
+
+
+def test_a_free_slot_goes_to_the_tenant_with_fewest_fetches_in_flight() -> None:
+    """Three VMs copy in bulk and hold every slot; a fourth boots, one read at a time. When a slot
+    frees, the booting VM's read starts in it, not after a turn of every copier (with 15 copiers,
+    strict turns made a guest's 300 boot reads take 26x as long as alone)."""
+    started: list[str] = []
+
+    async def main() -> None:
+        sched = FetchScheduler(slots=4)
+        gates: dict[str, asyncio.Event] = {}
+
+        def job(name: str) -> Job:
+            gates[name] = asyncio.Event()
+
+            async def run(_cls: FetchClass) -> None:
+                started.append(name)
+                await gates[name].wait()
+
+            return run
+
+        futs = [sched.submit(n, FetchClass.DEMAND, job(n), n[0]) for n in ("a0", "a1", "c0", "d0")]
+        futs += [sched.submit(f"{t}{i}", FetchClass.DEMAND, job(f"{t}{i}"), t) for i in range(2, 5) for t in "cda"]
+        await asyncio.sleep(0)
+        futs.append(sched.submit("g0", FetchClass.DEMAND, job("g0"), "g"))
+        await asyncio.sleep(0)
+        assert started == ["a0", "a1", "c0", "d0"]
+        gates["a0"].set()  # a still has a1 in flight, c and d one each, g none: g goes first
+        await asyncio.sleep(0.01)
+        assert started[4] == "g0", started
+        for gate in gates.values():
+            gate.set()
+        await asyncio.gather(*futs)
+
+    asyncio.run(main())
