@@ -196,8 +196,7 @@ def test_forget_stops_one_tenant_and_leaves_the_others() -> None:
 
 def test_a_free_slot_goes_to_the_tenant_with_fewest_fetches_in_flight() -> None:
     """Three VMs copy in bulk and hold every slot; a fourth boots, one read at a time. When a slot
-    frees, the booting VM's read starts in it, not after a turn of every copier (with 15 copiers,
-    strict turns made a guest's 300 boot reads take 26x as long as alone)."""
+    frees, the booting VM's read starts in it, not after a turn of every copier."""
     started: list[str] = []
 
     async def main() -> None:

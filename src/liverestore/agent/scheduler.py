@@ -17,10 +17,10 @@ One agent may serve several restore points at once (mass restore). Each fetch na
 the foreground work of the tenants — guest reads, and set 3 where that tenant is relocating —
 shares the slots: a free slot goes to the tenant with the fewest fetches in flight, ties in
 turn. So one VM's relocation or read flood gets its share of the link and no more, and a booting
-guest, one read at a time, starts its fetch at the next free slot: taking strict turns, it waited
-for every bulk copier's turn first (15 of them: 26x its boot time alone). No tenant's background
-copy (set 2) starts while any tenant has a guest read waiting. ``fifo`` stays agent-wide: it is
-the baseline with no priorities at all.
+guest, one read at a time, starts its fetch at the next free slot; taking strict turns, it waited
+for a turn of every bulk copier first. No tenant's background copy (set 2) starts while any
+tenant has a guest read waiting. ``fifo`` stays agent-wide: it is the baseline with no priorities
+at all.
 """
 
 from __future__ import annotations
