@@ -65,6 +65,7 @@ class _Entry:
     tenant: Tenant = None
     started: bool = False
     task: asyncio.Task[None] | None = None  # once started
+    counted_in: _TenantQueues | None = None  # whose in-flight count it raised when it started
 
 
 @dataclass
@@ -292,8 +293,9 @@ class FetchScheduler:
             st.wait_total += wait
             st.wait_max = max(st.wait_max, wait)
             self._running[entry.cls] += 1
-            if (t := self._tenants.get(entry.tenant)) is not None:
+            if (t := self._tenants.get(entry.tenant)) is not None:  # none under fifo
                 t.running += 1
+                entry.counted_in = t
             task = entry.task = asyncio.get_running_loop().create_task(self._run(entry))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -317,8 +319,8 @@ class FetchScheduler:
                 self.slots = max(2, self.adaptive.sample(time.monotonic() - t0, inflight))
         finally:
             self._running[cls] -= 1
-            if (t := self._tenants.get(entry.tenant)) is not None:
-                t.running = max(0, t.running - 1)  # 0 for fetches started under fifo, before it had queues
+            if entry.counted_in is not None:
+                entry.counted_in.running -= 1
             if self._pending.get(entry.key) is entry:
                 del self._pending[entry.key]
             with contextlib.suppress(RuntimeError):
