@@ -8,10 +8,13 @@ does not hold — after ``kill -9`` or a power cut the worst case is refetching 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import struct
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from liverestore.errors import LiverestoreError
@@ -20,6 +23,21 @@ from liverestore.repository.backend import write_atomically
 log = logging.getLogger("liverestore.cache")
 
 _MAGIC = b"LRBITMAP"
+_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4  # sync_file_range(2) flags
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's ``sync_file_range`` (the os module lacks it), or None where the C library has not."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
 _HEADER = struct.Struct(">8s64sQQ")  # magic, identity (manifest id), block count, block size
 
 
@@ -95,6 +113,21 @@ class BlockFile:
         if len(data) < length:  # a file shorter than the disk reads as zeros past its end
             data += bytes(length - len(data))
         return data
+
+    def drop_pages(self, spans: Sequence[tuple[int, int]]) -> None:
+        """Write these (offset, length) spans back and let the page cache drop them (see
+        dropbehind.py). Only written-back pages are dropped, so no data is lost; durability is
+        still ``persist``'s job (write-back is not a flush of the disk's cache)."""
+        if _sync_file_range is None:
+            return
+        with self._persist_lock:  # not while ``close`` gives the descriptor back
+            if self.fd < 0:
+                return
+            for offset, length in spans:
+                if _sync_file_range(self.fd, offset, length, _WAIT_BEFORE | _WRITE | _WAIT_AFTER) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, os.strerror(err))
+                os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def persist(self) -> None:
         """Safe to call from a worker thread; serialised with ``close`` by ``_persist_lock``."""

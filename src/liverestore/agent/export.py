@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from liverestore.agent.blockfile import BlockFile
+from liverestore.agent.dropbehind import DropBehind
 from liverestore.agent.metrics import Metrics
 from liverestore.agent.nbd import protocol as p
 from liverestore.agent.nbd.export import ExportError, FileSlice
@@ -45,6 +46,7 @@ class DiskExport:
         recorder: AccessRecorder,
         writable: bool = False,
         tenant: Tenant = None,
+        drop_behind: DropBehind | None = None,
     ) -> None:
         self.name = name
         self.tenant = tenant  # the restore point this disk belongs to, for fairness between points
@@ -66,6 +68,8 @@ class DiskExport:
             else None
         )
         self._cow_lock = asyncio.Lock()
+        self.drop_behind = drop_behind
+        self._unread = bytearray(-(-self.read_cache.block_count // 8))  # fetched here, not yet read whole
         self.read_observers: list[Callable[[int, int], None]] = []  # e.g. the set-3 cursor tracker
         self._background: set[asyncio.Task[None]] = set()  # set 2's copier; stopped by ``close``
 
@@ -105,6 +109,7 @@ class DiskExport:
                 p.ENOSPC if e.errno == errno.ENOSPC else p.EIO, f"cache write failed: {e.strerror}"
             ) from None
         self.read_cache.mark(idx)  # only now: a bit is never set before its block is written
+        self._unread[idx >> 3] |= 1 << (idx & 7)
         self.metrics.record_fetch(str(cls), got.size, got.stored_bytes, got.request_share)
 
     def prefetch(self, blocks: Iterable[int], cls: FetchClass) -> list[asyncio.Future[None]]:
@@ -157,6 +162,8 @@ class DiskExport:
                 parts.append(src.pread(seg_end - pos, pos))
                 pos = seg_end
             data = b"".join(parts)
+        if self.drop_behind is not None:
+            self._release_read(blocks, offset, offset + length)
         took = time.monotonic() - t0
         self.metrics.record_read(length, not missing, took)
         self.recorder.record(self.name, offset, length, not missing, took)
@@ -234,6 +241,25 @@ class DiskExport:
         return extents
 
     # -- internals -----------------------------------------------------------------------------
+    def _release_read(self, blocks: range, start: int, end: int) -> None:
+        """Hand the blocks this read took whole, and this agent fetched, to drop-behind (one range
+        per run of neighbours): their reader has them, and nobody is expected to read them again."""
+        assert self.drop_behind is not None
+        bs, unread = self.block_size, self._unread
+        run_start = run_end = -1
+        for i in blocks:
+            bit = 1 << (i & 7)
+            if not unread[i >> 3] & bit or i * bs < start or i * bs + self.manifest.block_length(i) > end:
+                continue
+            unread[i >> 3] &= ~bit & 0xFF
+            if i * bs != run_end:
+                if run_end > run_start:
+                    self.drop_behind.release(self.read_cache, run_start, run_end - run_start)
+                run_start = i * bs
+            run_end = i * bs + self.manifest.block_length(i)
+        if run_end > run_start:
+            self.drop_behind.release(self.read_cache, run_start, run_end - run_start)
+
     def _backup_extents(self, offset: int, length: int) -> list[tuple[int, int]]:
         """Extents from the manifest's allocated blocks alone: it jumps over holes, so a 1 TiB
         disk with little data answers at once instead of walking 16 million blocks."""
