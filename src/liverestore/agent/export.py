@@ -94,13 +94,12 @@ class DiskExport:
     async def _fill(self, idx: int, cls: FetchClass) -> None:
         if self.present(idx):
             return
-        cid = self.manifest.chunk(idx)
         offset = idx * self.block_size
         try:  # the block is written into the cache by the fetch thread, off the event loop
             got = await self.source.fetch(self.manifest, idx, lambda data: self.read_cache.pwrite(data, offset))
         except (IntegrityError, RepositoryError) as e:
             self.metrics.fetch_errors += 1
-            log.error("%s: block %d (chunk %s) cannot be served: %s", self.name, idx, cid, e)
+            log.error("%s: block %d (chunk %s) cannot be served: %s", self.name, idx, self.manifest.chunk(idx), e)
             raise ExportError(p.EIO, f"block {idx}: {e}") from None
         except OSError as e:  # e.g. the cache filesystem filled up: fail this read, keep serving
             log.error("%s: cannot write block %d to the cache %s: %s", self.name, idx, self.read_cache.data_path,
