@@ -31,6 +31,7 @@ from liverestore.repository.leases import SERVE, Lease
 log = logging.getLogger("liverestore.agent")
 
 PERSIST_INTERVAL_S = 1.0
+RUN_FLOOR_BYTES = 4 * 1024 * 1024  # fetches in flight never fewer than this many bytes of blocks (packs)
 
 
 @dataclass
@@ -131,12 +132,15 @@ class MediaAgent:
         self.repo = repo
         self.config = config
         self.recorder = AccessRecorder(config.access_log)
-        # Over a link, fetches in flight follow its latency and bandwidth, down to a handful. A local
-        # directory has none: there, a fetch waits on the agent's own decoding, which the limit
-        # would read as a queue on a link and shrink to 7, splitting runs of neighbouring chunks
-        # (2.6 blocks per request: a cold read of 64 KiB blocks took 1.4x as long as with 64).
-        link = repo.backend.remote or config.repo_latency_ms > 0 or config.repo_mbps > 0
-        floor = 4 if link else 64
+        # The limit counts blocks. Where every block pays its own round trip (the emulated link,
+        # like a store of one object per chunk) it may fall to a handful, so a guest's read does
+        # not queue behind the agent's own. Where neighbouring blocks share one ranged request
+        # (packs, in a directory or on S3), a fetch also waits on the agent's own decoding, which
+        # the limit read as a queue on the link and shrank to 7: runs were split (2.6 blocks per
+        # request), and a cold read of 64 KiB blocks took 1.4x (directory) and 2.2x (SeaweedFS)
+        # as long as with 4 MiB in flight at least.
+        per_block_trip = config.repo_latency_ms > 0 or config.repo_mbps > 0
+        floor = 4 if per_block_trip else max(4, RUN_FLOOR_BYTES // repo.block_size)
         self.scheduler = FetchScheduler(
             slots=config.fetch_slots or 32, mode=config.mode,
             adaptive=AdaptiveLimit(minimum=floor) if config.fetch_slots is None else None,

@@ -53,7 +53,6 @@ class ObjectMissing(RepositoryError):
 
 class Backend(Protocol):
     location: str  # shown to the operator
-    remote: bool  # a network between the agent and the bytes, whose latency and bandwidth count
 
     def save(self, h: Handle, data: bytes) -> None:
         """Store ``data`` under ``h`` atomically: readers see the old object or the new, never half."""
@@ -84,7 +83,6 @@ class LocalBackend:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.location = str(root)
-        self.remote = False
 
     def path(self, h: Handle) -> Path:
         if h.kind in _FANNED_OUT:
@@ -184,7 +182,6 @@ class S3Backend:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self.remote = True
         self.client = client or boto3.client("s3", config=Config(
             max_pool_connections=64, retries={"max_attempts": 2, "mode": "standard"},
             connect_timeout=5, read_timeout=30,

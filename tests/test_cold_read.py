@@ -1,6 +1,7 @@
-"""Drop-behind: the read-cache's pages leave the host's page cache once one read has taken their
-block whole, and only then; blocks nobody read yet, or read piecemeal, stay; what was dropped
-reads back right (from disk)."""
+"""Cold reads through a real agent. Drop-behind: the read-cache's pages leave the host's page cache
+once one read has taken their block whole, and only then; blocks nobody read yet, or read
+piecemeal, stay; what was dropped reads back right (from disk). Fetch limit: a cold read from
+packs keeps neighbouring blocks in shared ranged requests."""
 
 from __future__ import annotations
 
@@ -94,3 +95,24 @@ def test_blocks_read_whole_leave_the_page_cache_and_read_back_right(
                        capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == data
+
+
+def test_a_cold_whole_read_from_packs_keeps_neighbouring_blocks_in_shared_requests(
+    tmp_path: Path, start_agent: AgentFactory
+) -> None:
+    """The fetch limit counts blocks; a local repository's latency is the agent's own decoding, and
+    read as a queue on a link it shrank the limit to a handful and split ranged reads apart."""
+    src = tmp_path / "disk0.raw"
+    src.write_bytes(os.urandom(SIZE))
+    repo = Repository.init(tmp_path / "repo64", 64 * 1024)
+    point, _ = run_backup(repo, "vm1", [src], [])
+    agent = start_agent(repo, point)
+    blocks = SIZE // agent.agent.exports["vm1/disk0"].block_size
+    r = subprocess.run(["nbdcopy", "--request-size=1048576", "--requests=16", agent.uri("disk0"), "null:"],
+                       capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    adaptive = agent.agent.scheduler.adaptive
+    assert adaptive is not None
+    requests = agent.agent.fetcher.requests
+    assert requests <= blocks / 5, f"{requests} requests for {blocks} blocks; limit {adaptive.snapshot()}"
+    repo.close()
