@@ -143,7 +143,7 @@ class MediaAgent:
         floor = 4 if per_block_trip else max(4, RUN_FLOOR_BYTES // repo.block_size)
         self.scheduler = FetchScheduler(
             slots=config.fetch_slots or 32, mode=config.mode,
-            adaptive=AdaptiveLimit(minimum=floor) if config.fetch_slots is None else None,
+            adaptive=AdaptiveLimit(limit=max(32.0, floor), minimum=floor) if config.fetch_slots is None else None,
         )  # fmt: skip
         limit_arenas()  # before the fetch threads exist (see malloc.py)
         self.fetcher = RepositorySource(repo)

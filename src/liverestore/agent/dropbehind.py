@@ -21,6 +21,7 @@ only written-back pages are dropped, and it never fails a read.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,12 +30,15 @@ from liverestore.agent.blockfile import BlockFile
 log = logging.getLogger("liverestore.dropbehind")
 
 BATCH_BYTES = 32 * 1024 * 1024  # twice what 16 reads of 1 MiB in flight (QEMU's mirror) hold
+BACKLOG = 8  # batches queued for the worker at most; beyond, the kernel keeps them (a slow disk)
 
 
 class DropBehind:
     """Batches of (cache file, offset, length) ranges whose pages may go, shared by one agent's
     exports. ``release`` is called on the event loop; the dropping runs in one worker thread,
-    which waits for the write-back of each range before dropping it."""
+    which waits for the write-back of each range before dropping it. When the cache disk writes
+    back slower than fetches arrive, batches beyond ``BACKLOG`` are left to the kernel rather
+    than queued without end."""
 
     def __init__(self, batch_bytes: int = BATCH_BYTES) -> None:
         self.batch_bytes = batch_bytes
@@ -43,20 +47,31 @@ class DropBehind:
         self._batch_size = 0
         self._held: list[tuple[BlockFile, int, int]] = []  # the previous full batch, let go next
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drop-behind")
+        self._closed = False
+        self._backlog = threading.BoundedSemaphore(BACKLOG)
 
     def release(self, file: BlockFile, offset: int, length: int) -> None:
+        if self._closed:  # a read that finished while the agent was closing
+            return
         self._batch.append((file, offset, length))
         self._batch_size += length
         if self._batch_size < self.batch_bytes:
             return
         ready, self._held = self._held, self._batch
         self._batch, self._batch_size = [], 0
-        if ready:
+        if ready and self._backlog.acquire(blocking=False):
             self.dropped_bytes += sum(n for _, _, n in ready)
-            self._pool.submit(_drop, ready)
+            self._pool.submit(self._drop, ready)
+
+    def _drop(self, ranges: list[tuple[BlockFile, int, int]]) -> None:
+        try:
+            _drop(ranges)
+        finally:
+            self._backlog.release()
 
     def close(self) -> None:
         """Pending ranges stay in the page cache: the kernel frees them when it needs to."""
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
