@@ -132,6 +132,10 @@ class MediaAgent:
         self.repo = repo
         self.config = config
         self.recorder = AccessRecorder(config.access_log)
+        limit_arenas()  # before the fetch threads exist (see malloc.py)
+        self.fetcher = RepositorySource(repo)
+        link = emulate_link(self.fetcher, config.repo_latency_ms, config.repo_mbps)
+        self.retrying = RetryingSource(link, deadline_s=config.repo_retry_s)
         # The limit counts blocks. Where every block pays its own round trip (the emulated link,
         # like a store of one object per chunk) it may fall to a handful, so a guest's read does
         # not queue behind the agent's own. Where neighbouring blocks share one ranged request
@@ -139,16 +143,11 @@ class MediaAgent:
         # the limit read as a queue on the link and shrank to 7: runs were split (2.6 blocks per
         # request), and a cold read of 64 KiB blocks took 1.4x (directory) and 2.2x (SeaweedFS)
         # as long as with 4 MiB in flight at least.
-        per_block_trip = config.repo_latency_ms > 0 or config.repo_mbps > 0
-        floor = 4 if per_block_trip else max(4, RUN_FLOOR_BYTES // repo.block_size)
+        floor = 4 if link is not self.fetcher else max(4, RUN_FLOOR_BYTES // repo.block_size)
         self.scheduler = FetchScheduler(
             slots=config.fetch_slots or 32, mode=config.mode,
             adaptive=AdaptiveLimit(limit=max(32.0, floor), minimum=floor) if config.fetch_slots is None else None,
         )  # fmt: skip
-        limit_arenas()  # before the fetch threads exist (see malloc.py)
-        self.fetcher = RepositorySource(repo)
-        self.retrying = RetryingSource(emulate_link(self.fetcher, config.repo_latency_ms, config.repo_mbps),
-                                       deadline_s=config.repo_retry_s)  # fmt: skip
         self.source = self.retrying
         self.drop_behind = DropBehind()
         self.served: list[ServedPoint] = []

@@ -247,15 +247,16 @@ class DiskExport:
         bs, unread = self.block_size, self._unread
         run_start = run_end = -1
         for i in blocks:
-            bit = 1 << (i & 7)
-            if not unread[i >> 3] & bit or i * bs < start or i * bs + self.manifest.block_length(i) > end:
+            bit, lo = 1 << (i & 7), i * bs
+            hi = lo + self.manifest.block_length(i)
+            if not unread[i >> 3] & bit or lo < start or hi > end:
                 continue
             unread[i >> 3] &= ~bit & 0xFF
-            if i * bs != run_end:
+            if lo != run_end:
                 if run_end > run_start:
                     self.drop_behind.release(self.read_cache, run_start, run_end - run_start)
-                run_start = i * bs
-            run_end = i * bs + self.manifest.block_length(i)
+                run_start = lo
+            run_end = hi
         if run_end > run_start:
             self.drop_behind.release(self.read_cache, run_start, run_end - run_start)
 
