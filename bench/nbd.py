@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,14 +41,14 @@ def _wait_port(port: int | None, sock: Path | None, timeout: float = 20) -> None
 
 
 @contextmanager
-def server(kind: str, raw: Path, repo: str | Path, tmp: Path, unix: bool) -> Iterator[str]:
+def server(kind: str, raw: Path, repo: str | Path, tmp: Path, unix: bool, agent_args: Sequence[str] = ()) -> Iterator[str]:
     port = _free_port()
     sock = tmp / f"{kind}.sock"
     sock.unlink(missing_ok=True)
     if kind == "liverestore":
         listen = f"unix:{sock}" if unix else f"127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "liverestore", "serve", "--repo", str(repo), "--vm", "vm", "--listen", listen,
-               "--control", f"127.0.0.1:{_free_port()}", "--cache-dir", str(tmp / "cache")]  # fmt: skip
+               "--control", f"127.0.0.1:{_free_port()}", "--cache-dir", str(tmp / "cache"), *agent_args]  # fmt: skip
         export = "vm/disk"
     elif kind == "qemu-nbd":
         cmd = ["qemu-nbd", "-r", "-f", "raw", "-x", "disk", "--shared=8", "--persistent"]

@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -72,13 +73,13 @@ def _data_disk(path: Path, size: int) -> None:
             f.write(os.urandom(32 * 1024) * 2)
 
 
-def _cold_copy(kind: str, disk: Path, location: str, work: Path, tag: str) -> float:
+def _cold_copy(kind: str, disk: Path, location: str, work: Path, tag: str, agent_args: Sequence[str] = ()) -> float:
     """Seconds for nbdcopy to read the whole export (the agent's from a cold cache), as QEMU's
     mirror does: 1 MiB requests, 16 in flight."""
     tmp = work / f"serve-{tag}"
     tmp.mkdir()
     try:
-        with server(kind, disk, location, tmp, unix=False) as uri:
+        with server(kind, disk, location, tmp, unix=False, agent_args=agent_args) as uri:
             t0 = time.monotonic()
             subprocess.run(["nbdcopy", "--request-size=1048576", "--requests=16", "--connections=1",
                             uri, "null:"], check=True)  # fmt: skip
@@ -131,6 +132,9 @@ def _agent_vs_download(s3: SeaweedFS, work: Path, bs: int, size: int) -> dict[st
         secs = _cold_copy("liverestore", disk, location, work, f"{where}-{bs}")
         out[f"{where}_copy_s"] = round(secs, 2)
         out[f"{where}_mb_s"] = round(stats.bytes_new_stored / 1e6 / secs, 1)
+        plain = _cold_copy("liverestore", disk, location, work, f"{where}-{bs}-nora", ["--readahead-mib", "0"])
+        out[f"{where}_copy_no_readahead_s"] = round(plain, 2)
+        out[f"{where}_readahead_gain"] = round(plain / secs, 2)
     out["nbdkit_file_s"] = round(_cold_copy("nbdkit", disk, "", work, f"nbdkit-{bs}"), 2)
     out["qemu_img_convert_s"] = round(_local_convert(disk, work), 2)
     out["classic_restore_s"] = round(_classic_copy(str(work / f"copy-{bs}"), work), 2)
@@ -187,19 +191,21 @@ def run(quick: bool) -> dict[str, Any]:
         "agent, SeaweedFS": [c["s3_mb_s"] for c in copies.values()],
         "boto3 8 MiB ranged GETs x32, SeaweedFS": [c["download_mb_s"] for c in copies.values()],
     }, "MB/s (compressed bytes)")  # fmt: skip
-    copy_table = ["| block KiB | agent, local dir s | nbdkit file s | local qemu-img convert s | agent / nbdkit "
-                  "| agent / convert | classic restore s | classic / convert | agent, S3 s | agent, S3 MB/s "
-                  "| boto3 download s | boto3 MB/s | agent S3 / boto3 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    copy_table += [f"| {c['block_kib']} | {c['local_copy_s']} | {c['nbdkit_file_s']} | {c['qemu_img_convert_s']} "
-                   f"| {c['local_agent_over_nbdkit']} | {c['local_agent_over_convert']} | {c['classic_restore_s']} "
+    copy_table = ["| block KiB | agent, local dir s | same, readahead off s | nbdkit file s | local qemu-img convert s "
+                  "| agent / nbdkit | agent / convert | classic restore s | classic / convert | agent, S3 s | agent, S3 MB/s "
+                  "| same, readahead off s | boto3 download s | boto3 MB/s | agent S3 / boto3 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    copy_table += [f"| {c['block_kib']} | {c['local_copy_s']} | {c['local_copy_no_readahead_s']} | {c['nbdkit_file_s']} "
+                   f"| {c['qemu_img_convert_s']} | {c['local_agent_over_nbdkit']} | {c['local_agent_over_convert']} | {c['classic_restore_s']} "
                    f"| {c['classic_over_convert']} | {c['s3_copy_s']} "
-                   f"| {c['s3_mb_s']} | {c['download_s']} | {c['download_mb_s']} | {c['s3_agent_over_download']} |"
+                   f"| {c['s3_mb_s']} | {c['s3_copy_no_readahead_s']} | {c['download_s']} | {c['download_mb_s']} | {c['s3_agent_over_download']} |"
                    for c in copies.values()]  # fmt: skip
     notes = (
         f"**Agent cold read vs the link's own limit.** A fully allocated {copy_mib} MiB data disk (half-compressible "
         "blocks) backed up to a local directory and to SeaweedFS on loopback, then read whole through `liverestore "
         "serve` from a cold cache by `nbdcopy` as QEMU's mirror reads (1 MiB requests, 16 in flight); against a "
-        "plain boto3 download of the same pack objects (8 MiB ranged GETs, 32 threads), and (issue "
+        "plain boto3 download of the same pack objects (8 MiB ranged GETs, 32 threads), the agent again with "
+        "readahead off (`--readahead-mib 0`), and (issue "
         "'Performance at real sizes') against `nbdkit file` serving the raw disk to the same nbdcopy and a "
         "local `qemu-img convert` of it to a file; and a classic restore's copy of it from the local directory "
         "(every block fetched, checked, written to a new raw file, fsync'd) against that convert. Ratios are "

@@ -38,5 +38,7 @@ def test_reads_going_quiet_end_the_boot_and_a_warm_cache_is_reported(vm_backup: 
     assert first.cache_start == "cold" and first.cache_blocks_at_start == 0
 
     second, _ = restore(2)
-    assert second.cache_start == "warm" and second.cache_blocks_at_start >= first.boot_reads_from_cache
+    # every block the first restore fetched is in the cache the second one starts from (a count of
+    # blocks, not of reads: with readahead, more of the first boot's reads hit)
+    assert second.cache_start == "warm" and second.cache_blocks_at_start >= first.blocks_fetched > 0
     assert second.hit_rate > first.hit_rate

@@ -20,6 +20,7 @@ from liverestore.agent.metrics import Metrics
 from liverestore.agent.nbd.export import ExportError
 from liverestore.agent.nbd.server import NbdServer
 from liverestore.agent.nbd.tls import TlsPolicy
+from liverestore.agent.readahead import WINDOW_BYTES
 from liverestore.agent.recorder import AccessRecorder
 from liverestore.agent.scheduler import FetchClass, FetchScheduler, Mode
 from liverestore.agent.source import RepositorySource, RetryingSource, emulate_link
@@ -31,7 +32,7 @@ from liverestore.repository.leases import SERVE, Lease
 log = logging.getLogger("liverestore.agent")
 
 PERSIST_INTERVAL_S = 1.0
-RUN_FLOOR_BYTES = 4 * 1024 * 1024  # fetches in flight never fewer than this many bytes of blocks (packs)
+RUN_FLOOR_BYTES = 32 * 1024 * 1024  # fetches in flight never fewer than this many bytes of blocks (packs)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class AgentConfig:
     access_log: Path | None = None
     repo_retry_s: float = 120.0  # how long a read waits for an unavailable repository
     tls: TlsPolicy | None = None  # x509 on the NBD port (STARTTLS); None: plaintext
+    readahead_bytes: int = WINDOW_BYTES  # fetched ahead of a sequential reader (readahead.py); 0: off
 
 
 CACHE_LOCK_NAME = ".lock"
@@ -139,11 +141,13 @@ class MediaAgent:
         # The limit counts blocks. Where every block pays its own round trip (the emulated link,
         # like a store of one object per chunk) it may fall to a handful, so a guest's read does
         # not queue behind the agent's own. Where neighbouring blocks share one ranged request
-        # (packs, in a directory or on S3), a fetch also waits on the agent's own decoding, which
-        # the limit read as a queue on the link and shrank to 7: runs were split (2.6 blocks per
-        # request), and a cold read of 64 KiB blocks took 1.4x (directory) and 2.2x (SeaweedFS)
-        # as long as with 4 MiB in flight at least.
-        floor = 4 if link is not self.fetcher else max(4, RUN_FLOOR_BYTES // repo.block_size)
+        # (packs, in a directory or on S3), a fetch also waits on the agent's own decoding, and on
+        # 2 cores on the S3 server's too. The limit read that as a queue on the link and shrank,
+        # to 7 blocks at 1 MiB on SeaweedFS, and runs split into requests of 1-3 blocks. With 32
+        # MiB in flight at least, a cold read from SeaweedFS at 1 MiB blocks took 1.4x less time
+        # and half the requests (measured with readahead, which needs those slots to fill).
+        per_run = min(AdaptiveLimit.maximum, RUN_FLOOR_BYTES // repo.block_size)
+        floor = 4 if link is not self.fetcher else max(4, per_run)
         self.scheduler = FetchScheduler(
             slots=config.fetch_slots or 32, mode=config.mode,
             adaptive=AdaptiveLimit(limit=max(32.0, floor), minimum=floor) if config.fetch_slots is None else None,
@@ -193,6 +197,7 @@ class MediaAgent:
                     writable=self.config.writable,
                     tenant=point.id,
                     drop_behind=self.drop_behind,
+                    readahead_bytes=self.config.readahead_bytes,
                 )
         except BaseException:
             for name in sp.exports:
@@ -302,6 +307,7 @@ class MediaAgent:
                     "block_size": e.block_size,
                     "allocated_blocks": e.manifest.allocated_count,
                     "cached_blocks": e.read_cache.present,
+                    "readahead_blocks": e.readahead.issued if e.readahead is not None else 0,
                     "writable": e.writable,
                 }
                 for name, e in sp.exports.items()

@@ -9,14 +9,15 @@ does not hold — after ``kill -9`` or a power cut the worst case is refetching 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from liverestore.agent.bitmap import Bitmap
+from liverestore.agent.libc import libc_function
 from liverestore.errors import LiverestoreError
 from liverestore.repository.backend import write_atomically
 
@@ -24,20 +25,8 @@ log = logging.getLogger("liverestore.cache")
 
 _MAGIC = b"LRBITMAP"
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4  # sync_file_range(2) flags
-
-
-def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    """Linux's ``sync_file_range`` (the os module lacks it), or None where the C library has not."""
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range = _load_sync_file_range()
+_sync_file_range = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint],
+                                  ctypes.c_int)  # fmt: skip
 _HEADER = struct.Struct(">8s64sQQ")  # magic, identity (manifest id), block count, block size
 
 
@@ -49,7 +38,7 @@ class BlockFile:
         self.size = size
         self.block_size = block_size
         self.block_count = -(-size // block_size)
-        self.bits = bytearray(-(-self.block_count // 8))
+        self.bitmap = Bitmap(self.block_count)  # saved to ``bitmap_path`` by ``persist``
         self.dirty = False
         self.present = 0
         self._persist_lock = threading.Lock()
@@ -77,24 +66,23 @@ class BlockFile:
                     and ident.decode() == self.identity
                     and count == self.block_count
                     and bsize == self.block_size
-                    and len(bits) == len(self.bits)
+                    and len(bits) == len(self.bitmap.bits)
                 )
             except (struct.error, UnicodeDecodeError):
                 ok = False
             if ok:
-                self.bits[:] = bits
-                self.present = sum(bin(b).count("1") for b in self.bits)
+                self.bitmap.bits[:] = bits
+                self.present = self.bitmap.count()
                 return
             log.warning("%s does not belong to this disk or is damaged; starting it empty", self.bitmap_path)
         # no valid bitmap: nothing in the data file can be trusted
         os.ftruncate(self.fd, 0)
 
     def has(self, idx: int) -> bool:
-        return bool(self.bits[idx >> 3] & (1 << (idx & 7)))
+        return self.bitmap.has(idx)
 
     def mark(self, idx: int) -> None:
-        if not self.has(idx):
-            self.bits[idx >> 3] |= 1 << (idx & 7)
+        if self.bitmap.set(idx):
             self.present += 1
             self.dirty = True
 
@@ -135,7 +123,7 @@ class BlockFile:
             if not self.dirty or self.fd < 0:
                 return
             self.dirty = False
-            bits = bytes(self.bits)  # snapshot first: every bit in it has its data written already
+            bits = bytes(self.bitmap.bits)  # snapshot first: every bit in it has its data written already
             try:
                 os.fdatasync(self.fd)
                 header = _HEADER.pack(

@@ -17,11 +17,13 @@ from collections.abc import Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
+from liverestore.agent.bitmap import Bitmap
 from liverestore.agent.blockfile import BlockFile
 from liverestore.agent.dropbehind import DropBehind
 from liverestore.agent.metrics import Metrics
 from liverestore.agent.nbd import protocol as p
 from liverestore.agent.nbd.export import ExportError, FileSlice
+from liverestore.agent.readahead import Readahead
 from liverestore.agent.recorder import AccessRecorder
 from liverestore.agent.scheduler import FetchClass, FetchScheduler, Tenant
 from liverestore.agent.source import BlockSource
@@ -47,6 +49,7 @@ class DiskExport:
         writable: bool = False,
         tenant: Tenant = None,
         drop_behind: DropBehind | None = None,
+        readahead_bytes: int = 0,
     ) -> None:
         self.name = name
         self.tenant = tenant  # the restore point this disk belongs to, for fairness between points
@@ -69,13 +72,21 @@ class DiskExport:
         )
         self._cow_lock = asyncio.Lock()
         self.drop_behind = drop_behind
-        self._unread = bytearray(-(-self.read_cache.block_count // 8))  # fetched here, not yet read whole
+        self._unread = Bitmap(self.read_cache.block_count)  # fetched here, not yet read whole
         self.read_observers: list[Callable[[int, int], None]] = []  # e.g. the set-3 cursor tracker
         self._background: set[asyncio.Task[None]] = set()  # set 2's copier; stopped by ``close``
+        self.readahead = Readahead(self, readahead_bytes) if readahead_bytes > 0 else None
 
     # -- block bookkeeping ---------------------------------------------------------------------
     def present(self, idx: int) -> bool:
         return not self.manifest.is_allocated(idx) or self.read_cache.has(idx)
+
+    def has_data(self, start: int, end: int) -> bool:
+        """Whether an allocated block lies in bytes [start, end): one search of the manifest's
+        allocated blocks, however large the hole."""
+        alloc, bs = self.manifest.allocated_index, self.block_size
+        k = bisect.bisect_left(alloc, start // bs)
+        return k < len(alloc) and alloc[k] * bs < end
 
     def blocks_of(self, offset: int, length: int) -> range:
         if length <= 0:
@@ -86,12 +97,13 @@ class DiskExport:
         if not self.present(idx):
             await self._submit(idx, cls)
 
-    def _submit(self, idx: int, cls: FetchClass) -> asyncio.Future[None]:
+    def _submit(self, idx: int, cls: FetchClass, why: str | None = None) -> asyncio.Future[None]:
         """The scheduler's future for block ``idx`` (queued, or joined when already pending). A read
-        waits on these futures themselves: wrapping each in a task cost a task per block."""
-        return self.scheduler.submit((self.name, idx), cls, functools.partial(self._fill, idx), self.tenant)
+        waits on these futures themselves: wrapping each in a task cost a task per block. ``why``
+        names the fetch in the metrics when its class alone does not (readahead)."""
+        return self.scheduler.submit((self.name, idx), cls, functools.partial(self._fill, idx, why=why), self.tenant)
 
-    async def _fill(self, idx: int, cls: FetchClass) -> None:
+    async def _fill(self, idx: int, cls: FetchClass, why: str | None = None) -> None:
         if self.present(idx):
             return
         offset = idx * self.block_size
@@ -108,15 +120,15 @@ class DiskExport:
                 p.ENOSPC if e.errno == errno.ENOSPC else p.EIO, f"cache write failed: {e.strerror}"
             ) from None
         self.read_cache.mark(idx)  # only now: a bit is never set before its block is written
-        self._unread[idx >> 3] |= 1 << (idx & 7)
-        self.metrics.record_fetch(str(cls), got.size, got.stored_bytes, got.request_share)
+        self._unread.set(idx)
+        self.metrics.record_fetch(why or str(cls), got.size, got.stored_bytes, got.request_share)
 
-    def prefetch(self, blocks: Iterable[int], cls: FetchClass) -> list[asyncio.Future[None]]:
+    def prefetch(self, blocks: Iterable[int], cls: FetchClass, why: str | None = None) -> list[asyncio.Future[None]]:
         """Queue background copies into the cache; failures are logged by ``_fill``, not raised."""
         futs = []
         for idx in blocks:
             if not self.present(idx):
-                fut = self._submit(idx, cls)
+                fut = self._submit(idx, cls, why)
                 fut.add_done_callback(_swallow)
                 futs.append(fut)
         return futs
@@ -138,6 +150,8 @@ class DiskExport:
         t0 = time.monotonic()
         for observe in self.read_observers:  # before waiting: set 3 must see the mirror's intent early
             observe(offset, length)
+        if self.readahead is not None:
+            self.readahead.observe(offset, length)
         blocks = self.blocks_of(offset, length)
         cow = self.cow
         missing = [i for i in blocks if not self.present(i) and not (cow and cow.has(i))]
@@ -247,11 +261,10 @@ class DiskExport:
         bs, unread = self.block_size, self._unread
         run_start = run_end = -1
         for i in blocks:
-            bit, lo = 1 << (i & 7), i * bs
+            lo = i * bs
             hi = lo + self.manifest.block_length(i)
-            if not unread[i >> 3] & bit or lo < start or hi > end:
+            if lo < start or hi > end or not unread.clear(i):  # a block read in part stays unread
                 continue
-            unread[i >> 3] &= ~bit & 0xFF
             if lo != run_end:
                 if run_end > run_start:
                     self.drop_behind.release(self.read_cache, run_start, run_end - run_start)

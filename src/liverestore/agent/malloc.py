@@ -11,8 +11,9 @@ it at run time, before the pool starts; on a C library without it this does noth
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
+
+from liverestore.agent.libc import libc_function
 
 log = logging.getLogger("liverestore.malloc")
 
@@ -25,12 +26,9 @@ def limit_arenas(count: int = 2) -> bool:
     global _done
     if _done:
         return True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = libc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
+    if mallopt is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _done = bool(mallopt(_M_ARENA_MAX, count) == 1)
     if not _done:
         log.debug("mallopt(M_ARENA_MAX) refused; the agent's RSS may grow with its fetch threads")

@@ -77,6 +77,9 @@ class RelocationPrefetcher:
 
     async def run(self) -> None:
         self.export.read_observers.append(self.observe)
+        readahead = self.export.readahead
+        if readahead is not None:  # this walk already fetches ahead of the mirror
+            readahead.paused = True
         try:
             order = relocation_order(self.export)
             pos, planned = 0, -1  # planned: the highest block number the window has covered
@@ -104,3 +107,5 @@ class RelocationPrefetcher:
                 await self._moved.wait()
         finally:
             self.export.read_observers.remove(self.observe)
+            if readahead is not None:
+                readahead.paused = False

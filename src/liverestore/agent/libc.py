@@ -1,0 +1,22 @@
+"""The C library's functions that Python's ``os`` module lacks (``mallopt``, ``sync_file_range``).
+
+One loader for all of them: each is looked up once, typed, and None where this C library has no
+such function (musl, another OS), so a caller can do without it instead of failing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from typing import Any
+
+
+def libc_function(name: str, argtypes: list[Any], restype: Any) -> Any | None:
+    """``name`` from the C library with its types set and errno kept (``ctypes.get_errno``), or
+    None when the library or the function is missing."""
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
