@@ -226,3 +226,50 @@ def test_a_free_slot_goes_to_the_tenant_with_fewest_fetches_in_flight() -> None:
         await asyncio.gather(*futs)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("batch", [0.25, 0.0])
+def test_background_work_starts_in_batches_on_packs_and_guest_reads_never_wait(batch: float) -> None:
+    """On packs (``background_batch`` 0.25 of 16 slots) prefetch starts only once 4 slots are
+    free, and then fills all but the last: its blocks reach the fetcher together and share ranged
+    reads. Without batching (the emulated link) a prefetch starts as soon as 2 slots are free. A
+    guest read takes a free slot at once either way."""
+    started: list[str] = []
+
+    async def main() -> None:
+        sched = FetchScheduler(slots=16, background_batch=batch)
+        gates: dict[str, asyncio.Event] = {}
+
+        def job(name: str) -> Job:
+            gates[name] = asyncio.Event()
+
+            async def run(_cls: FetchClass) -> None:
+                started.append(name)
+                await gates[name].wait()
+
+            return run
+
+        futs = [sched.submit(f"d{i}", FetchClass.DEMAND, job(f"d{i}")) for i in range(16)]
+        futs += [sched.submit(f"p{i}", FetchClass.PREFETCH, job(f"p{i}")) for i in range(20)]
+        await asyncio.sleep(0)
+        assert len(started) == 16 and not any(s.startswith("p") for s in started)
+        for i in range(3):  # three slots free up, one by one
+            gates[f"d{i}"].set()
+            await asyncio.sleep(0.01)
+        prefetches = [s for s in started if s.startswith("p")]
+        if batch:
+            assert prefetches == [], "a prefetch started before a quarter of the slots were free"
+            futs.append(sched.submit("guest", FetchClass.DEMAND, job("guest")))
+            await asyncio.sleep(0)
+            assert started[-1] == "guest"  # a guest read is not held back by the batching
+            gates["d3"].set()
+            gates["d4"].set()  # now 4 slots are free: prefetch fills all but the last
+            await asyncio.sleep(0.01)
+            assert [s for s in started if s.startswith("p")] == ["p0", "p1", "p2"]
+        else:
+            assert prefetches == ["p0", "p1"]  # as soon as a second slot was free, never the last
+        for gate in gates.values():
+            gate.set()
+        await asyncio.gather(*futs)
+
+    asyncio.run(main())
