@@ -70,10 +70,18 @@ def test_a_reader_in_order_finds_the_window_ahead_of_it_fetched_and_no_more(
 def test_readahead_off_fetches_only_what_was_read(
     repo: Repository, tmp_path: Path, start_agent: AgentFactory
 ) -> None:
+    """Off when asked, and by default behind the emulated link (one FIFO queue, where bulk
+    readers' readahead would sit in front of every guest read); on by default on packs."""
     src = tmp_path / "disk0.raw"
     data = os.urandom(SIZE)
     src.write_bytes(data)
     point, _ = run_backup(repo, "vm1", [src], [])
+    default = start_agent(repo, point, cache_dir=tmp_path / "c-default")
+    assert default.agent.exports["vm1/disk0"].readahead is not None
+    default.close()
+    linked = start_agent(repo, point, cache_dir=tmp_path / "c-link", repo_latency_ms=1)
+    assert linked.agent.exports["vm1/disk0"].readahead is None
+    linked.close()
     agent = start_agent(repo, point, readahead_bytes=0)
     export = agent.agent.exports["vm1/disk0"]
     c = NbdClient("127.0.0.1", agent.port, "vm1/disk0")

@@ -219,8 +219,9 @@ def list_cmd(repo_path: str, as_json: bool) -> None:
 @click.option("--repo-mbps", type=float, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
 @click.option("--fetch-slots", type=int, default=None,
               help="Concurrent repository fetches (default: adapt to the link's latency and bandwidth).")  # fmt: skip
-@click.option("--readahead-mib", type=click.IntRange(min=0), default=32, show_default=True,
-              help="Fetch this much ahead of a client reading a disk in order (nbdcopy, qemu-img convert); 0: off.")  # fmt: skip
+@click.option("--readahead-mib", type=click.IntRange(min=0), default=None,
+              help="Fetch this much ahead of a client reading a disk in order (nbdcopy, qemu-img convert); 0: off "
+                   "(default: 32, off behind --repo-latency-ms/--repo-mbps).")  # fmt: skip
 @click.option("--mode", type=click.Choice(["demand-first", "fair", "fifo"]), default="demand-first")
 @click.option("--access-log", type=click.Path(path_type=Path), default=None, help="JSON-lines log of reads.")
 @click.option("--tls-creds", type=click.Path(path_type=Path), default=None,
@@ -242,7 +243,7 @@ def serve(
     repo_latency_ms: float,
     repo_mbps: float,
     fetch_slots: int | None,
-    readahead_mib: int,
+    readahead_mib: int | None,
     mode: str,
     access_log: Path | None,
     tls_creds: Path | None,
@@ -287,7 +288,7 @@ def serve(
         mode=Mode(mode),
         access_log=access_log,
         tls=tls,
-        readahead_bytes=readahead_mib * 1024 * 1024,
+        readahead_bytes=None if readahead_mib is None else readahead_mib * 1024 * 1024,
     )
 
     async def main() -> None:
