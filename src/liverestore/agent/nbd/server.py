@@ -13,6 +13,7 @@ import functools
 import heapq
 import itertools
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -500,9 +501,7 @@ class NbdServer:
                 for part in out:
                     if isinstance(part, FileSlice):
                         await writer.drain()
-                        await asyncio.get_running_loop().sendfile(
-                            writer.transport, part.file, part.offset, part.length
-                        )
+                        await _send_file(writer.transport, part)
                     elif len(part) > WRITE_SLICE:  # the transport copies what it cannot send at once:
                         view = memoryview(part)  # hand it over in slices so that copy stays small
                         for i in range(0, len(view), WRITE_SLICE):
@@ -584,3 +583,24 @@ class NbdServer:
         if flags & p.CMD_FLAG_FUA and cmd in (p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM):
             await export.flush()
         return ok
+
+
+async def _send_file(transport: asyncio.WriteTransport, part: FileSlice) -> None:
+    """``sendfile(2)`` the slice straight to the socket while the socket takes it, and hand only
+    what is left to ``loop.sendfile``. That one pauses the transport's reading, waits for its
+    buffer, and registers and unregisters the socket with epoll on every call: four system calls
+    and a future per reply that a socket with room in its buffer does not need. Only a plain
+    socket whose transport holds nothing unsent: under TLS the bytes must go through the cipher,
+    and anything buffered must go first."""
+    sent = 0
+    sock = transport.get_extra_info("socket")
+    if (sock is not None and transport.get_extra_info("sslcontext") is None
+            and transport.get_write_buffer_size() == 0):  # fmt: skip
+        with contextlib.suppress(BlockingIOError):
+            while sent < part.length:
+                n = os.sendfile(sock.fileno(), part.file.fileno(), part.offset + sent, part.length - sent)
+                if n == 0:  # past the end of the file (never shorter than the disk): as before
+                    break
+                sent += n
+    if sent < part.length:
+        await asyncio.get_running_loop().sendfile(transport, part.file, part.offset + sent, part.length - sent)
