@@ -10,7 +10,7 @@ from pathlib import Path
 
 from liverestore.agent.export import DiskExport
 from liverestore.backup import run_backup
-from liverestore.repository import Repository
+from liverestore.repository import Repository, RestorePoint
 from tests.conftest import AgentFactory
 from tests.helpers import AgentThread, MiB
 from tests.nbdclient import NbdClient
@@ -37,6 +37,14 @@ def cached(export: DiskExport) -> list[int]:
     return [i for i in range(export.read_cache.block_count) if export.read_cache.has(i)]
 
 
+def backed_up(repo: Repository, tmp_path: Path) -> tuple[RestorePoint, bytes]:
+    """A point of a disk of random bytes (every block allocated), and those bytes."""
+    src = tmp_path / "disk0.raw"
+    data = os.urandom(SIZE)
+    src.write_bytes(data)
+    return run_backup(repo, "vm1", [src], [])[0], data
+
+
 def read_all(c: NbdClient, data: bytes, offsets: list[int]) -> None:
     for off in offsets:
         assert c.read(off, MiB) == data[off : off + MiB]
@@ -45,10 +53,7 @@ def read_all(c: NbdClient, data: bytes, offsets: list[int]) -> None:
 def test_a_reader_in_order_finds_the_window_ahead_of_it_fetched_and_no_more(
     repo: Repository, tmp_path: Path, start_agent: AgentFactory
 ) -> None:
-    src = tmp_path / "disk0.raw"
-    data = os.urandom(SIZE)
-    src.write_bytes(data)
-    point, _ = run_backup(repo, "vm1", [src], [])
+    point, data = backed_up(repo, tmp_path)
     agent = start_agent(repo, point, readahead_bytes=WINDOW)
     export = agent.agent.exports["vm1/disk0"]
     assert export.block_size == MiB
@@ -72,10 +77,7 @@ def test_readahead_off_fetches_only_what_was_read(
 ) -> None:
     """Off when asked, and by default behind the emulated link (one FIFO queue, where bulk
     readers' readahead would sit in front of every guest read); on by default on packs."""
-    src = tmp_path / "disk0.raw"
-    data = os.urandom(SIZE)
-    src.write_bytes(data)
-    point, _ = run_backup(repo, "vm1", [src], [])
+    point, data = backed_up(repo, tmp_path)
     default = start_agent(repo, point, cache_dir=tmp_path / "c-default")
     assert default.agent.exports["vm1/disk0"].readahead is not None
     default.close()
@@ -95,10 +97,7 @@ def test_readahead_off_fetches_only_what_was_read(
 def test_a_reader_jumping_about_triggers_no_readahead(
     repo: Repository, tmp_path: Path, start_agent: AgentFactory
 ) -> None:
-    src = tmp_path / "disk0.raw"
-    data = os.urandom(SIZE)
-    src.write_bytes(data)
-    point, _ = run_backup(repo, "vm1", [src], [])
+    point, data = backed_up(repo, tmp_path)
     agent = start_agent(repo, point, readahead_bytes=WINDOW)
     export = agent.agent.exports["vm1/disk0"]
     c = NbdClient("127.0.0.1", agent.port, "vm1/disk0")

@@ -6,7 +6,7 @@ import asyncio
 import functools
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -194,23 +194,30 @@ def test_forget_stops_one_tenant_and_leaves_the_others() -> None:
     assert stopped == ["a0"] and "a1" not in ran and ran.count("b1") == 1
 
 
+def _gated(started: list[str], gates: dict[str, asyncio.Event]) -> Callable[[str], Job]:
+    """Jobs that note when they start and then hold their slot until their gate is set."""
+
+    def job(name: str) -> Job:
+        gates[name] = asyncio.Event()
+
+        async def run(_cls: FetchClass) -> None:
+            started.append(name)
+            await gates[name].wait()
+
+        return run
+
+    return job
+
+
 def test_a_free_slot_goes_to_the_tenant_with_fewest_fetches_in_flight() -> None:
     """Three VMs copy in bulk and hold every slot; a fourth boots, one read at a time. When a slot
     frees, the booting VM's read starts in it, not after a turn of every copier."""
     started: list[str] = []
+    gates: dict[str, asyncio.Event] = {}
+    job = _gated(started, gates)
 
     async def main() -> None:
         sched = FetchScheduler(slots=4)
-        gates: dict[str, asyncio.Event] = {}
-
-        def job(name: str) -> Job:
-            gates[name] = asyncio.Event()
-
-            async def run(_cls: FetchClass) -> None:
-                started.append(name)
-                await gates[name].wait()
-
-            return run
 
         futs = [sched.submit(n, FetchClass.DEMAND, job(n), n[0]) for n in ("a0", "a1", "c0", "d0")]
         futs += [sched.submit(f"{t}{i}", FetchClass.DEMAND, job(f"{t}{i}"), t) for i in range(2, 5) for t in "cda"]
@@ -235,19 +242,11 @@ def test_background_work_starts_in_batches_on_packs_and_guest_reads_never_wait(b
     reads. Without batching (the emulated link) a prefetch starts as soon as 2 slots are free. A
     guest read takes a free slot at once either way."""
     started: list[str] = []
+    gates: dict[str, asyncio.Event] = {}
+    job = _gated(started, gates)
 
     async def main() -> None:
         sched = FetchScheduler(slots=16, background_batch=batch)
-        gates: dict[str, asyncio.Event] = {}
-
-        def job(name: str) -> Job:
-            gates[name] = asyncio.Event()
-
-            async def run(_cls: FetchClass) -> None:
-                started.append(name)
-                await gates[name].wait()
-
-            return run
 
         futs = [sched.submit(f"d{i}", FetchClass.DEMAND, job(f"d{i}")) for i in range(16)]
         futs += [sched.submit(f"p{i}", FetchClass.PREFETCH, job(f"p{i}")) for i in range(20)]

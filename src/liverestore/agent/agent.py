@@ -159,8 +159,8 @@ class MediaAgent:
         # link every block pays its own round trip and the link is one FIFO queue: 15 bulk
         # readers' readahead kept it full, and a guest booting beside them took 39.9 s instead
         # of 6.4 s (bench mass_restore).
-        self.readahead_bytes = (WINDOW_BYTES if shared_requests else 0) if config.readahead_bytes is None \
-            else config.readahead_bytes  # fmt: skip
+        default_readahead = WINDOW_BYTES if shared_requests else 0
+        self.readahead_bytes = default_readahead if config.readahead_bytes is None else config.readahead_bytes
         self.source = self.retrying
         self.drop_behind = DropBehind()
         self.served: list[ServedPoint] = []

@@ -15,8 +15,9 @@ trigger it, and a boot's scattered reads do not either.
 
 The blocks go in the relocation class. In ``demand-first`` mode that ranks below every guest
 read and never takes the last free slot; in ``fair`` mode it alternates with guest reads, as set
-3 does. The metrics count them apart, as ``readahead``. While set 3 runs for an export it already fetches ahead of the mirror, in relocation
-order, so readahead pauses there.
+3 does. The metrics count them apart, as ``readahead``. While set 3 runs for an export it already
+fetches ahead of the mirror, in relocation order, so readahead pauses there. The agent turns it
+on by default only where it fills shared ranged requests (see ``MediaAgent``).
 """
 
 from __future__ import annotations
