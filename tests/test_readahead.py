@@ -75,8 +75,9 @@ def test_a_reader_in_order_finds_the_window_ahead_of_it_fetched_and_no_more(
 def test_readahead_off_fetches_only_what_was_read(
     repo: Repository, tmp_path: Path, start_agent: AgentFactory
 ) -> None:
-    """Off when asked, and by default behind the emulated link (one FIFO queue, where bulk
-    readers' readahead would sit in front of every guest read); on by default on packs."""
+    """Off when asked; by default off behind the emulated link (one FIFO queue, where bulk
+    readers' readahead would sit in front of every guest read) and for small blocks; on by
+    default on packs of 1 MiB blocks."""
     point, data = backed_up(repo, tmp_path)
     default = start_agent(repo, point, cache_dir=tmp_path / "c-default")
     assert default.agent.exports["vm1/disk0"].readahead is not None
@@ -84,6 +85,12 @@ def test_readahead_off_fetches_only_what_was_read(
     linked = start_agent(repo, point, cache_dir=tmp_path / "c-link", repo_latency_ms=1)
     assert linked.agent.exports["vm1/disk0"].readahead is None
     linked.close()
+    small = Repository.init(tmp_path / "repo64", 64 * 1024)  # small blocks: off by default
+    small_point = run_backup(small, "vm1", [tmp_path / "disk0.raw"], [])[0]
+    small_agent = start_agent(small, small_point, cache_dir=tmp_path / "c-small")
+    assert small_agent.agent.exports["vm1/disk0"].readahead is None
+    small_agent.close()
+    small.close()
     agent = start_agent(repo, point, readahead_bytes=0)
     export = agent.agent.exports["vm1/disk0"]
     c = NbdClient("127.0.0.1", agent.port, "vm1/disk0")

@@ -221,7 +221,7 @@ def list_cmd(repo_path: str, as_json: bool) -> None:
               help="Concurrent repository fetches (default: adapt to the link's latency and bandwidth).")  # fmt: skip
 @click.option("--readahead-mib", type=click.IntRange(min=0), default=None,
               help="Fetch this much ahead of a client reading a disk in order (nbdcopy, qemu-img convert); 0: off "
-                   "(default: 32, off behind --repo-latency-ms/--repo-mbps).")  # fmt: skip
+                   "(default: 32 with blocks of 1 MiB and up, off behind --repo-latency-ms/--repo-mbps).")  # fmt: skip
 @click.option("--mode", type=click.Choice(["demand-first", "fair", "fifo"]), default="demand-first")
 @click.option("--access-log", type=click.Path(path_type=Path), default=None, help="JSON-lines log of reads.")
 @click.option("--tls-creds", type=click.Path(path_type=Path), default=None,

@@ -32,7 +32,9 @@ from liverestore.repository.leases import SERVE, Lease
 log = logging.getLogger("liverestore.agent")
 
 PERSIST_INTERVAL_S = 1.0
-RUN_FLOOR_BYTES = 32 * 1024 * 1024  # fetches in flight never fewer than this many bytes of blocks (packs)
+RUN_FLOOR_FETCHES = 32  # on packs, never fewer fetches in flight than this ...
+RUN_FLOOR_BYTES = 4 * 1024 * 1024  # ... or than this many bytes of blocks, where blocks are small
+READAHEAD_MIN_BLOCK = 1024 * 1024  # readahead by default from this block size up (see below)
 BACKGROUND_BATCH = 0.25  # on packs, background fetches start once this share of the slots is free
 
 
@@ -145,21 +147,27 @@ class MediaAgent:
         # (packs, in a directory or on S3), a fetch also waits on the agent's own decoding, and on
         # 2 cores on the S3 server's too. The limit read that as a queue on the link and shrank,
         # to 7 blocks at 1 MiB on SeaweedFS, and runs split into requests of 1-3 blocks. With 32
-        # MiB in flight at least, a cold read from SeaweedFS at 1 MiB blocks ran 1.4-1.6x as fast
-        # with under half the requests (with readahead, which needs those slots to fill them).
+        # fetches in flight at least, a cold read from SeaweedFS at 1 MiB blocks ran 1.4-1.6x as
+        # fast with under half the requests (with readahead, which needs those slots to fill).
+        # At 64 KiB blocks 4 MiB (64) stays the floor: 256 held 7 MiB more of the agent's memory
+        # in bench memory and went no faster.
         shared_requests = link is self.fetcher
-        per_run = min(AdaptiveLimit.maximum, RUN_FLOOR_BYTES // repo.block_size)
-        floor = max(4, per_run) if shared_requests else 4
+        per_run = min(AdaptiveLimit.maximum, max(RUN_FLOOR_FETCHES, RUN_FLOOR_BYTES // repo.block_size))
+        floor = per_run if shared_requests else 4
         self.scheduler = FetchScheduler(
             slots=config.fetch_slots or 32, mode=config.mode,
             background_batch=BACKGROUND_BATCH if shared_requests else 0.0,
             adaptive=AdaptiveLimit(limit=max(32.0, floor), minimum=floor) if config.fetch_slots is None else None,
         )  # fmt: skip
-        # Readahead by default only where it fills shared ranged requests. Behind the emulated
-        # link every block pays its own round trip and the link is one FIFO queue: 15 bulk
-        # readers' readahead kept it full, and a guest booting beside them took 39.9 s instead
-        # of 6.4 s (bench mass_restore).
-        default_readahead = WINDOW_BYTES if shared_requests else 0
+        # Readahead by default only where it fills shared ranged requests, and only for blocks of
+        # 1 MiB (the default) and up. Behind the emulated link every block pays its own round
+        # trip and the link is one FIFO queue: 15 bulk readers' readahead kept it full, and a
+        # guest booting beside them took 39.9 s instead of 6.4 s (bench mass_restore). At 64 KiB
+        # blocks a bulk reader's own 16 requests already fill the 64-256 slots, so readahead made
+        # a cold read no faster (SeaweedFS 13.4 s against 13.6 s off, directory 9.6 s against
+        # 8.9 s) and its 8 MiB runs took the agent over its memory budget (76 MiB against 65).
+        big_blocks = repo.block_size >= READAHEAD_MIN_BLOCK
+        default_readahead = WINDOW_BYTES if shared_requests and big_blocks else 0
         self.readahead_bytes = default_readahead if config.readahead_bytes is None else config.readahead_bytes
         self.source = self.retrying
         self.drop_behind = DropBehind()
