@@ -67,3 +67,53 @@ def test_a_short_congested_link_gets_fewer_and_stops_queueing() -> None:
     print(f"1 ms / 400 Mbit/s: fixed {fixed_tp:.0f} MB/s, median latency {1000 * fixed_lat:.0f} ms; adaptive "
           f"{ad_tp:.0f} MB/s, {1000 * ad_lat:.0f} ms ({slots} slots)")  # fmt: skip
     assert slots < 16 and ad_lat < 0.5 * fixed_lat and ad_tp >= 0.9 * fixed_tp
+
+
+def _sustained(link: ThrottledSource, limit: AdaptiveLimit, block: int, count: int) -> list[float]:
+    """Fetch latencies of ``count`` fetches all queued at once: a load that keeps the link busy."""
+
+    async def go() -> list[float]:
+        manifest = DiskManifest(name="d", virtual_size=block * count, block_size=block, blocks=(None,) * count,
+                                source_format="raw")  # fmt: skip
+        sched = FetchScheduler(slots=32, adaptive=limit)
+        latencies: list[float] = []
+
+        def job(i: int) -> Job:
+            async def run(_cls: FetchClass) -> None:
+                t0 = time.monotonic()
+                await link.fetch(manifest, i)
+                latencies.append(time.monotonic() - t0)
+
+            return run
+
+        await asyncio.gather(*(sched.submit(("d", i), FetchClass.DEMAND, job(i)) for i in range(count)))
+        await sched.close()
+        return latencies
+
+    return asyncio.run(go())
+
+
+def test_a_busy_link_holds_a_steady_short_queue() -> None:
+    """10 ms per request, 1 Gbit/s, 64 KiB: ~20 fetches fill the link, and the limit lets the queue
+    grow to about one more base latency. A limit stepped on every sample (2,000 a second) swung
+    between 6 and 100 every 1.6 s, so fetches waited 12-57 ms (p5-p95); and where the queue never
+    drained, a base latency that drifted up with the samples let the limit run to 256 (a guest
+    beside 15 relocations once took 32.7 s, not 5.7 s)."""
+    limit = AdaptiveLimit()
+    latencies = _sustained(ThrottledSource(InstantStore(64 * KiB), 10, 1000), limit, 64 * KiB, 10_000)
+    late = statistics.quantiles(latencies[-5000:], n=20)
+    print(f"busy 10 ms link: late p5 {1000 * late[0]:.1f} ms, p95 {1000 * late[-1]:.1f} ms, {limit.snapshot()}")
+    assert late[-1] < 0.040 and limit.limit < 100
+
+
+def test_a_link_that_became_slower_is_learned_again() -> None:
+    """5 ms per request, then 30 ms for good: the base must follow, or the limit reads the new
+    latency as a queue and shrinks to its minimum (4 fetches per 30 ms on a 1 Gbit/s link)."""
+    limit = AdaptiveLimit(probe_every_s=0.5)
+    link = ThrottledSource(InstantStore(64 * KiB), 5, 1000)
+    _sustained(link, limit, 64 * KiB, 2000)
+    link.latency = 0.030
+    latencies = _sustained(link, limit, 64 * KiB, 4000)
+    snap = limit.snapshot()
+    print(f"5 -> 30 ms: {snap}, late median {1000 * statistics.median(latencies[-1000:]):.1f} ms")
+    assert limit.probes >= 1 and 0.025 < limit._base < 0.045 and limit.limit > 20
