@@ -28,6 +28,7 @@ from typing import Any
 
 from liverestore import profile as profiles
 from liverestore.agent.agent import AgentConfig, MediaAgent, ServedPoint
+from liverestore.agent.concurrency import AdaptiveLimit
 from liverestore.agent.export import DiskExport
 from liverestore.agent.metrics import Metrics
 from liverestore.agent.nbd.tls import TlsPolicy, server_context
@@ -50,7 +51,6 @@ from liverestore.hypervisor.vmspec import (
 from liverestore.repository import DiskManifest, Repository, RestorePoint
 
 log = logging.getLogger("liverestore.restore")
-CLASSIC_FETCHES = 32  # blocks in flight for copies made before launch (classic, CD-ROMs)
 
 
 @dataclass
@@ -236,16 +236,29 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
 async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: RestoreOptions,
                     report: RestoreReport) -> None:
     """Copy every allocated block of a disk to ``path`` (written as ``.partial``, renamed when
-    complete), a bounded number of blocks in flight: memory does not grow with the disk."""
+    complete), a bounded number of blocks in flight: memory does not grow with the disk.
+
+    How many follows the link as the agent's fetches do (``AdaptiveLimit``) unless
+    ``fetch_slots`` fixes it. They start in batches, once a quarter of the limit is free: blocks
+    started in one turn of the event loop share ranged reads, and one started as each fetch
+    completed was a request of its own. Behind a 10 ms link at 64 KiB blocks the copy took
+    9,414 requests per GiB and 2.3x the link's time; batched, 1.3x with about a fifth of them."""
     fetcher = RepositorySource(repo)
     source = emulate_link(fetcher, opts.repo_latency_ms, opts.repo_mbps)
+    limit = AdaptiveLimit.for_source(manifest.block_size, source is fetcher)
+    adaptive = limit if opts.fetch_slots is None else None
+    slots = opts.fetch_slots or int(limit.limit)
     partial = path.with_name(path.name + ".partial")
     fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, manifest.virtual_size)
 
-        async def copy(idx: int) -> None:
+        async def copy(idx: int, inflight: int) -> None:
+            nonlocal slots
+            t0 = time.monotonic()
             got = await source.fetch(manifest, idx, lambda data: _pwrite_all(fd, data, idx * manifest.block_size))
+            if adaptive is not None:
+                slots = max(2, adaptive.sample(time.monotonic() - t0, inflight))
             report.blocks_fetched += 1
             report.bytes_fetched += got.size
             report.bytes_fetched_stored += got.stored_bytes
@@ -253,11 +266,12 @@ async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: 
         inflight: set[asyncio.Task[None]] = set()
         try:
             for idx in manifest.allocated_blocks():
-                if len(inflight) >= (opts.fetch_slots or CLASSIC_FETCHES):
-                    done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                    for t in done:
-                        t.result()
-                inflight.add(asyncio.create_task(copy(idx)))
+                if len(inflight) >= slots:  # full: wait for a quarter of the limit, start a batch
+                    while len(inflight) > slots - max(1, slots // 4):
+                        done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                        for t in done:
+                            t.result()
+                inflight.add(asyncio.create_task(copy(idx, len(inflight) + 1)))
             await asyncio.gather(*inflight)
         except BaseException:
             for t in inflight:

@@ -32,8 +32,6 @@ from liverestore.repository.leases import SERVE, Lease
 log = logging.getLogger("liverestore.agent")
 
 PERSIST_INTERVAL_S = 1.0
-RUN_FLOOR_FETCHES = 32  # on packs, never fewer fetches in flight than this ...
-RUN_FLOOR_BYTES = 4 * 1024 * 1024  # ... or than this many bytes of blocks, where blocks are small
 READAHEAD_MIN_BLOCK = 1024 * 1024  # readahead by default from this block size up (see below)
 BACKGROUND_BATCH = 0.25  # on packs, background fetches start once this share of the slots is free
 
@@ -141,23 +139,15 @@ class MediaAgent:
         self.fetcher = RepositorySource(repo)
         link = emulate_link(self.fetcher, config.repo_latency_ms, config.repo_mbps)
         self.retrying = RetryingSource(link, deadline_s=config.repo_retry_s)
-        # The limit counts blocks. Where every block pays its own round trip (the emulated link,
-        # like a store of one object per chunk) it may fall to a handful, so a guest's read does
-        # not queue behind the agent's own. Where neighbouring blocks share one ranged request
-        # (packs, in a directory or on S3), a fetch also waits on the agent's own decoding, and on
-        # 2 cores on the S3 server's too. The limit read that as a queue on the link and shrank,
-        # to 7 blocks at 1 MiB on SeaweedFS, and runs split into requests of 1-3 blocks. With 32
-        # fetches in flight at least, a cold read from SeaweedFS at 1 MiB blocks ran 1.4-1.6x as
-        # fast with under half the requests (with readahead, which needs those slots to fill).
-        # At 64 KiB blocks 4 MiB (64) stays the floor: 256 held 7 MiB more of the agent's memory
-        # in bench memory and went no faster.
+        # With 32 fetches in flight at least on packs (see AdaptiveLimit.for_source), a cold read
+        # from SeaweedFS at 1 MiB blocks ran 1.4-1.6x as fast with under half the requests (with
+        # readahead, which needs those slots to fill). At 64 KiB blocks 4 MiB (64) stays the
+        # floor: 256 held 7 MiB more of the agent's memory in bench memory and went no faster.
         shared_requests = link is self.fetcher
-        per_run = min(AdaptiveLimit.maximum, max(RUN_FLOOR_FETCHES, RUN_FLOOR_BYTES // repo.block_size))
-        floor = per_run if shared_requests else 4
         self.scheduler = FetchScheduler(
             slots=config.fetch_slots or 32, mode=config.mode,
             background_batch=BACKGROUND_BATCH if shared_requests else 0.0,
-            adaptive=AdaptiveLimit(limit=max(32.0, floor), minimum=floor) if config.fetch_slots is None else None,
+            adaptive=AdaptiveLimit.for_source(repo.block_size, shared_requests) if config.fetch_slots is None else None,
         )  # fmt: skip
         # Readahead by default only where it fills shared ranged requests, and only for blocks of
         # 1 MiB (the default) and up. Behind the emulated link every block pays its own round

@@ -25,6 +25,9 @@ import math
 import time
 from dataclasses import dataclass
 
+RUN_FLOOR_FETCHES = 32  # on packs, never fewer fetches in flight than this ...
+RUN_FLOOR_BYTES = 4 * 1024 * 1024  # ... or than this many bytes of blocks, where blocks are small
+
 
 @dataclass
 class AdaptiveLimit:
@@ -107,6 +110,20 @@ class AdaptiveLimit:
     @property
     def probing(self) -> bool:
         return self._probe_start is not None
+
+    @classmethod
+    def for_source(cls, block_size: int, shared_requests: bool) -> AdaptiveLimit:
+        """The limit for fetches from a repository of ``block_size`` blocks. Where neighbouring
+        blocks share one ranged request (packs, in a directory or on S3) a fetch also waits on
+        the agent's own decoding, and on 2 cores on the S3 server's too: the limit read that as a
+        queue on the link and shrank, to 7 blocks at 1 MiB on SeaweedFS, and runs split into
+        requests of 1-3 blocks. So there it never goes under ``RUN_FLOOR_FETCHES``, or
+        ``RUN_FLOOR_BYTES`` of blocks where that is more. Where every block pays its own round
+        trip (the emulated link, like a store of one object per chunk) it may fall to a handful,
+        so a guest's read does not queue behind the agent's own."""
+        per_run = min(cls.maximum, max(RUN_FLOOR_FETCHES, RUN_FLOOR_BYTES // block_size))
+        floor = per_run if shared_requests else 4
+        return cls(limit=max(32.0, floor), minimum=floor)
 
     def snapshot(self) -> dict[str, float]:
         return {"limit": round(self.limit, 1), "base_latency_ms": round(1000 * self._base, 2),
