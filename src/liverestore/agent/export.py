@@ -84,9 +84,12 @@ class DiskExport:
     def has_data(self, start: int, end: int) -> bool:
         """Whether an allocated block lies in bytes [start, end): one search of the manifest's
         allocated blocks, however large the hole."""
-        alloc, bs = self.manifest.allocated_index, self.block_size
-        k = bisect.bisect_left(alloc, start // bs)
-        return k < len(alloc) and alloc[k] * bs < end
+        alloc, k = self.manifest.allocated_index, self._first_allocated(start)
+        return k < len(alloc) and alloc[k] * self.block_size < end
+
+    def _first_allocated(self, offset: int) -> int:
+        """Where in the manifest's allocated blocks the first one at or after byte ``offset`` is."""
+        return bisect.bisect_left(self.manifest.allocated_index, offset // self.block_size)
 
     def blocks_of(self, offset: int, length: int) -> range:
         if length <= 0:
@@ -277,8 +280,7 @@ class DiskExport:
         """Extents from the manifest's allocated blocks alone: it jumps over holes, so a 1 TiB
         disk with little data answers at once instead of walking 16 million blocks."""
         bs, end, pos = self.block_size, offset + length, offset
-        alloc = self.manifest.allocated_index
-        k = bisect.bisect_left(alloc, offset // bs)
+        alloc, k = self.manifest.allocated_index, self._first_allocated(offset)
         extents: list[tuple[int, int]] = []
         while pos < end:
             if k < len(alloc) and alloc[k] * bs < end:
