@@ -25,14 +25,15 @@ class InstantStore:
         return Fetched(self.block, self.block)
 
 
-def _run(latency_ms: float, mbps: float, block: int, count: int, adaptive: bool) -> tuple[float, float, int]:
-    """(throughput MB/s, median fetch latency s, final slots) of ``count`` background fetches."""
+def _sustained(link: ThrottledSource, limit: AdaptiveLimit | None, block: int, count: int,
+               cls: FetchClass = FetchClass.DEMAND) -> tuple[list[float], float, int]:  # fmt: skip
+    """(each fetch's latency, seconds for all, final slots) of ``count`` fetches all queued at
+    once through the real scheduler: a load that keeps the link busy. ``limit`` None: 32 slots."""
 
-    async def go() -> tuple[float, float, int]:
-        link = ThrottledSource(InstantStore(block), latency_ms, mbps)
+    async def go() -> tuple[list[float], float, int]:
         manifest = DiskManifest(name="d", virtual_size=block * count, block_size=block, blocks=(None,) * count,
                                 source_format="raw")  # fmt: skip
-        sched = FetchScheduler(slots=32, adaptive=AdaptiveLimit() if adaptive else None)
+        sched = FetchScheduler(slots=32, adaptive=limit)
         latencies: list[float] = []
 
         def job(i: int) -> Job:
@@ -44,12 +45,20 @@ def _run(latency_ms: float, mbps: float, block: int, count: int, adaptive: bool)
             return run
 
         t0 = time.monotonic()
-        await asyncio.gather(*(sched.submit(("d", i), FetchClass.RELOCATION, job(i)) for i in range(count)))
+        await asyncio.gather(*(sched.submit(("d", i), cls, job(i)) for i in range(count)))
         took = time.monotonic() - t0
         await sched.close()
-        return block * count / 1e6 / took, statistics.median(latencies), sched.slots
+        return latencies, took, sched.slots
 
     return asyncio.run(go())
+
+
+def _run(latency_ms: float, mbps: float, block: int, count: int, adaptive: bool) -> tuple[float, float, int]:
+    """(throughput MB/s, median fetch latency s, final slots) of ``count`` background fetches."""
+    link = ThrottledSource(InstantStore(block), latency_ms, mbps)
+    latencies, took, slots = _sustained(link, AdaptiveLimit() if adaptive else None, block, count,
+                                        FetchClass.RELOCATION)  # fmt: skip
+    return block * count / 1e6 / took, statistics.median(latencies), slots
 
 
 def test_a_long_fat_link_gets_more_fetches_in_flight() -> None:
@@ -69,30 +78,6 @@ def test_a_short_congested_link_gets_fewer_and_stops_queueing() -> None:
     assert slots < 16 and ad_lat < 0.5 * fixed_lat and ad_tp >= 0.9 * fixed_tp
 
 
-def _sustained(link: ThrottledSource, limit: AdaptiveLimit, block: int, count: int) -> list[float]:
-    """Fetch latencies of ``count`` fetches all queued at once: a load that keeps the link busy."""
-
-    async def go() -> list[float]:
-        manifest = DiskManifest(name="d", virtual_size=block * count, block_size=block, blocks=(None,) * count,
-                                source_format="raw")  # fmt: skip
-        sched = FetchScheduler(slots=32, adaptive=limit)
-        latencies: list[float] = []
-
-        def job(i: int) -> Job:
-            async def run(_cls: FetchClass) -> None:
-                t0 = time.monotonic()
-                await link.fetch(manifest, i)
-                latencies.append(time.monotonic() - t0)
-
-            return run
-
-        await asyncio.gather(*(sched.submit(("d", i), FetchClass.DEMAND, job(i)) for i in range(count)))
-        await sched.close()
-        return latencies
-
-    return asyncio.run(go())
-
-
 def test_a_busy_link_holds_a_steady_short_queue() -> None:
     """10 ms per request, 1 Gbit/s, 64 KiB: ~20 fetches fill the link, and the limit lets the queue
     grow to about one more base latency. A limit stepped on every sample (2,000 a second) swung
@@ -100,7 +85,7 @@ def test_a_busy_link_holds_a_steady_short_queue() -> None:
     drained, a base latency that drifted up with the samples let the limit run to 256 (a guest
     beside 15 relocations once took 32.7 s, not 5.7 s)."""
     limit = AdaptiveLimit()
-    latencies = _sustained(ThrottledSource(InstantStore(64 * KiB), 10, 1000), limit, 64 * KiB, 10_000)
+    latencies, _, _ = _sustained(ThrottledSource(InstantStore(64 * KiB), 10, 1000), limit, 64 * KiB, 10_000)
     late = statistics.quantiles(latencies[-5000:], n=20)
     print(f"busy 10 ms link: late p5 {1000 * late[0]:.1f} ms, p95 {1000 * late[-1]:.1f} ms, {limit.snapshot()}")
     assert late[-1] < 0.040 and limit.limit < 100
@@ -113,7 +98,7 @@ def test_a_link_that_became_slower_is_learned_again() -> None:
     link = ThrottledSource(InstantStore(64 * KiB), 5, 1000)
     _sustained(link, limit, 64 * KiB, 2000)
     link.latency = 0.030
-    latencies = _sustained(link, limit, 64 * KiB, 4000)
+    latencies, _, _ = _sustained(link, limit, 64 * KiB, 4000)
     snap = limit.snapshot()
     print(f"5 -> 30 ms: {snap}, late median {1000 * statistics.median(latencies[-1000:]):.1f} ms")
     assert limit.probes >= 1 and 0.025 < limit._base < 0.045 and limit.limit > 20

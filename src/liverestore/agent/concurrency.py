@@ -80,7 +80,7 @@ class AdaptiveLimit:
         sample (2,000 a second on a busy 10 ms link) moved the limit many times before the
         latency of its first step came back, and it swung between 6 and 100 every 1.6 s."""
         self._short = self._round_sum / self._round_count
-        allowed = self.tolerance * self._base
+        allowed = max(self.tolerance * self._base, 1e-9)
         gradient = max(0.5, min(1.0, allowed / max(self._short, 1e-9)))
         # Far below the allowed latency the link has room to spare: grow in proportion to it (up
         # to half the limit a round trip) rather than by the square root alone, which took 15
@@ -106,10 +106,6 @@ class AdaptiveLimit:
             self.limit = self._limit_before_probe
             return int(self.limit)
         return self.minimum
-
-    @property
-    def probing(self) -> bool:
-        return self._probe_start is not None
 
     @classmethod
     def for_source(cls, block_size: int, shared_requests: bool) -> AdaptiveLimit:
