@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from liverestore.agent import scheduler
 from liverestore.agent.scheduler import FetchClass, FetchScheduler, Job, Mode
 from liverestore.backup import run_backup
 from liverestore.repository import Repository, RestorePoint
@@ -267,6 +268,41 @@ def test_background_work_starts_in_batches_on_packs_and_guest_reads_never_wait(b
             assert [s for s in started if s.startswith("p")] == ["p0", "p1", "p2"]
         else:
             assert prefetches == ["p0", "p1"]  # as soon as a second slot was free, never the last
+        for gate in gates.values():
+            gate.set()
+        await asyncio.gather(*futs)
+
+    asyncio.run(main())
+
+
+def test_bulk_tenants_share_a_quarter_of_the_slots_while_a_guest_boots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two VMs copy in bulk and hold all 16 slots. Once a third VM's guest reads, its read takes
+    the next free slot, and the copiers start new fetches only while they hold fewer than 4: on a
+    link that is one FIFO queue the guest's fetch waits behind everything in flight. Once the
+    guest has not read for ``LIGHT_HOLD_S``, the copiers fill every slot again."""
+    monkeypatch.setattr(scheduler, "LIGHT_HOLD_S", 0.05)
+    started: list[str] = []
+    gates: dict[str, asyncio.Event] = {}
+    job = _gated(started, gates)
+
+    def bulk_in_flight() -> int:
+        return sum(1 for n in started if n != "g0" and not gates[n].is_set())
+
+    async def main() -> None:
+        sched = FetchScheduler(slots=16)
+        futs = [sched.submit(f"{t}{i}", FetchClass.DEMAND, job(f"{t}{i}"), t) for t in "ab" for i in range(64)]
+        await asyncio.sleep(0.1)  # the copiers' own first reads counted as light: let that pass
+        assert len(started) == 16
+        futs.append(sched.submit("g0", FetchClass.DEMAND, job("g0"), "g"))
+        for n in list(started[:14]):  # fourteen of the copiers' fetches finish, one by one
+            gates[n].set()
+            await asyncio.sleep(0.001)
+        assert started[16] == "g0", started[16:]
+        assert bulk_in_flight() == 4, f"{bulk_in_flight()} bulk fetches in flight while the guest reads (cap 4)"
+        await asyncio.sleep(0.1)  # the guest is quiet: the cap is gone at the next free slot
+        gates[next(n for n in started if n != "g0" and not gates[n].is_set())].set()
+        await asyncio.sleep(0.01)
+        assert bulk_in_flight() == 15  # every slot but the guest's
         for gate in gates.values():
             gate.set()
         await asyncio.gather(*futs)
