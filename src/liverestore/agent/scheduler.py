@@ -55,11 +55,11 @@ class Mode(StrEnum):
 
 
 Job = Callable[["FetchClass"], Awaitable[None]]
-
-LIGHT_BLOCKS = 32  # a tenant with no more fetches than this queued and running reads like a booting guest
-LIGHT_HOLD_S = 1.0  # how long after a light tenant's last read the bulk tenants stay capped
-BULK_SHARE = 4  # meanwhile the heavy tenants together hold at most 1/BULK_SHARE of the slots (see _pump)
 Tenant = Hashable  # whose fetch: one served restore point (None when an agent serves one)
+
+LIGHT_BLOCKS = 32  # a tenant with fewer fetches than this running and queued reads like a booting guest
+LIGHT_HOLD_S = 1.0  # how long after a light tenant's last read the heavy tenants stay capped
+BULK_SHARE = 4  # meanwhile the heavy tenants together hold at most 1/BULK_SHARE of the slots (see _pump)
 
 
 @dataclass
