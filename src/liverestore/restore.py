@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from liverestore import profile as profiles
-from liverestore.agent.agent import AgentConfig, MediaAgent, ServedPoint
+from liverestore.agent.agent import BACKGROUND_BATCH, AgentConfig, MediaAgent, ServedPoint
 from liverestore.agent.concurrency import AdaptiveLimit
 from liverestore.agent.export import DiskExport
 from liverestore.agent.metrics import Metrics
@@ -266,8 +266,8 @@ async def copy_disk(repo: Repository, manifest: DiskManifest, path: Path, opts: 
         inflight: set[asyncio.Task[None]] = set()
         try:
             for idx in manifest.allocated_blocks():
-                if len(inflight) >= slots:  # full: wait for a quarter of the limit, start a batch
-                    while len(inflight) > slots - max(1, slots // 4):
+                if len(inflight) >= slots:  # full: wait for a batch's share of the limit, as the agent does
+                    while len(inflight) > slots - max(1, int(slots * BACKGROUND_BATCH)):
                         done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                         for t in done:
                             t.result()
