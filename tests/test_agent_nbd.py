@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,4 +192,68 @@ def test_cached_reads_every_path_same_bytes(
             assert c.read(offset, length) == content[offset : offset + length], (offset, length)
     m = agent.agent.metrics
     assert m.read_hits >= len(spans) and m.read_misses >= 1
+    c.close()
+
+
+def test_pipelined_small_reads_share_sends_and_mixed_requests_keep_their_replies(
+    repo: Repository,
+    point: RestorePoint,
+    disk: tuple[Path, bytes],
+    start_agent: AgentFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client with many small reads in flight sends them together; the replies of those answered
+    from the cache go out together too (one send, not one each). Between them, a read that must
+    be fetched and a request that fails are answered on their own: every reply arrives whole,
+    once, under its own handle."""
+    agent = start_agent(repo, point)
+    c = NbdClient("127.0.0.1", agent.port, "vm1/disk0")
+    content = disk[1]
+    assert c.read(0, 1 * MiB) == content[: 1 * MiB]  # now cached: the small reads below are inline
+
+    sends = 0
+    real_send = socket.socket.send
+
+    def counting_send(sock: socket.socket, data: Any, *flags: int) -> int:
+        nonlocal sends
+        sends += 1
+        return real_send(sock, data, *flags)
+
+    monkeypatch.setattr(socket.socket, "send", counting_send)
+    wanted: dict[int, tuple[int, int] | None] = {}  # handle: the bytes it reads (None: it fails)
+    batch = bytearray()
+
+    def ask(offset: int, length: int, flags: int = 0) -> None:
+        c.handle += 1
+        batch.extend(p.REQUEST_HEADER.pack(p.REQUEST_MAGIC, flags, p.CMD_READ, c.handle, offset, length))
+        wanted[c.handle] = (offset, length) if not flags else None
+
+    for i in range(64):
+        ask(i * 4096, 4096)
+    c.sock.sendall(bytes(batch))
+    for _ in range(64):
+        handle, data, _ = c.reply()
+        offset, length = wanted.pop(handle) or (0, 0)
+        assert data == content[offset : offset + length]
+    assert sends <= 8, f"{sends} sends for 64 cached 4 KiB replies (one each before corking)"
+
+    batch.clear()
+    for i in range(10):
+        ask(i * 4096 + 7, 4096)
+    ask(30 * MiB, 1 * MiB)  # not cached: fetched through the scheduler, sent with sendfile
+    ask(8192, 4096, flags=0x8000)  # an unknown flag: an error reply
+    for i in range(10):
+        ask(512 * 1024 + i * 4096, 4096)
+    c.sock.sendall(bytes(batch))
+    failed = 0
+    for _ in range(len(wanted)):
+        try:
+            handle, data, _ = c.reply()
+        except NbdError as e:
+            assert e.errno == p.EINVAL
+            failed += 1
+            continue
+        offset, length = wanted.pop(handle) or (0, 0)
+        assert data == content[offset : offset + length], (offset, length)
+    assert failed == 1 and list(wanted.values()) == [None]
     c.close()

@@ -37,6 +37,8 @@ META_CONTEXT_ID = 1
 CONNECTION_BYTES_IN_FLIGHT = 32 * 1024 * 1024  # one maximum-size request, or 32 mirror reads
 SERVER_BYTES_IN_FLIGHT = 256 * 1024 * 1024
 WRITE_SLICE = 1024 * 1024
+READ_CHUNK = 256 * 1024  # what one receive may take: the requests a client sent together
+CORK_BYTES = 256 * 1024  # replies answered inline that go out together, at most
 KNOWN_CMD_FLAGS = p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE | p.CMD_FLAG_DF | p.CMD_FLAG_REQ_ONE
 WARNINGS_PER_CONNECTION = 10  # then one summary line when it closes
 REFUSAL_LOG_INTERVAL_S = 10.0
@@ -409,12 +411,39 @@ class NbdServer:
         slots = asyncio.Semaphore(MAX_INFLIGHT_PER_CONNECTION)
         budget = ByteBudget(CONNECTION_BYTES_IN_FLIGHT)
         clog = ConnectionLog(writer.get_extra_info("peername"))
+        requests = _Requests(reader)
+        corked = _Cork(writer)  # replies answered inline, not yet handed to the transport
         try:
             while True:
-                header = await reader.readexactly(p.REQUEST_HEADER.size)
-                magic, flags, cmd, handle, offset, length = p.REQUEST_HEADER.unpack(header)
+                if not requests.ready():
+                    await corked.flush()  # before waiting for the client: it may be waiting for these
+                    await requests.fill()
+                    continue
+                magic, flags, cmd, handle, offset, length = requests.header()
                 if magic != p.REQUEST_MAGIC:
                     raise ProtocolViolation("bad request magic")
+                if (
+                    cmd == p.CMD_READ
+                    and not flags & ~KNOWN_CMD_FLAGS
+                    and not lock.locked()
+                    and (data := export.read_now(offset, length)) is not None
+                ):
+                    # answered inline: nothing else is mid-reply (no sendfile in progress), and
+                    # nothing is awaited until the corked replies are handed over whole, so no
+                    # other reply can come between their bytes. A client with 16 small reads in
+                    # flight sends them together; one send for all their replies instead of one
+                    # each (the send was 46% of the event loop serving 4 KiB reads).
+                    if sess.structured:
+                        hdr = p.structured_header(
+                            p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA, handle, 8 + length
+                        )
+                        corked.add(hdr + struct.pack(">Q", offset) + data)
+                    else:
+                        corked.add(p.simple_reply(0, handle) + data)
+                    if corked.size >= CORK_BYTES:
+                        await corked.flush()
+                    continue
+                await corked.flush()
                 payload = b""
                 # bytes this request holds until its reply has left: read data, or write payload
                 cost = min(length, p.MAX_REQUEST) if cmd in (p.CMD_READ, p.CMD_WRITE) else 0
@@ -422,27 +451,9 @@ class NbdServer:
                     if length > p.MAX_REQUEST:
                         raise ProtocolViolation(f"write of {length} bytes exceeds the maximum")
                     await self._reserve(budget, cost)
-                    payload = await reader.readexactly(length)
+                    payload = await requests.exactly(length)
                 if cmd == p.CMD_DISC:
                     break
-                if (
-                    cmd == p.CMD_READ
-                    and not flags & ~KNOWN_CMD_FLAGS
-                    and not lock.locked()
-                    and (data := export.read_now(offset, length)) is not None
-                ):
-                    # answered inline: nothing else is mid-reply (no sendfile in progress), so this
-                    # whole reply goes into the transport in one piece
-                    if sess.structured:
-                        hdr = p.structured_header(
-                            p.REPLY_FLAG_DONE, p.REPLY_TYPE_OFFSET_DATA, handle, 8 + length
-                        )
-                        writer.write(hdr + struct.pack(">Q", offset) + data)
-                    else:
-                        writer.write(p.simple_reply(0, handle) + data)
-                    if writer.transport.get_write_buffer_size() > 1024 * 1024:
-                        await writer.drain()
-                    continue
                 if cmd != p.CMD_WRITE:
                     await self._reserve(budget, cost)
                 await slots.acquire()
@@ -454,6 +465,7 @@ class NbdServer:
                 task.add_done_callback(lambda _t: slots.release())
                 task.add_done_callback(functools.partial(self._release, budget, cost))
         finally:
+            corked.hand_over()  # e.g. the replies before a bad request: they are owed
             if sess.inflight:
                 await asyncio.gather(*sess.inflight, return_exceptions=True)
             clog.summary()
@@ -583,6 +595,71 @@ class NbdServer:
         if flags & p.CMD_FLAG_FUA and cmd in (p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM):
             await export.flush()
         return ok
+
+
+class _Requests:
+    """The client's requests, parsed from what it has sent so far: one receive takes every
+    request it sent together, instead of a wait (and a coroutine) per 28-byte header."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.buf = bytearray()
+        self.pos = 0
+
+    def ready(self) -> bool:
+        """Whether a whole request header has arrived."""
+        return len(self.buf) - self.pos >= p.REQUEST_HEADER.size
+
+    async def fill(self) -> None:
+        chunk = await self.reader.read(READ_CHUNK)
+        if not chunk:  # the client went away, perhaps mid-header: as ``readexactly`` says it
+            raise asyncio.IncompleteReadError(bytes(self.buf[self.pos :]), p.REQUEST_HEADER.size)
+        del self.buf[: self.pos]
+        self.pos = 0
+        self.buf += chunk
+
+    def header(self) -> tuple[int, int, int, int, int, int]:
+        fields: tuple[int, int, int, int, int, int] = p.REQUEST_HEADER.unpack_from(self.buf, self.pos)
+        self.pos += p.REQUEST_HEADER.size
+        return fields
+
+    async def exactly(self, n: int) -> bytes:
+        """The next ``n`` bytes (a write's payload): what has arrived, then the rest."""
+        have = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += len(have)
+        if len(have) == n:
+            return have
+        self.buf.clear()
+        self.pos = 0
+        return have + await self.reader.readexactly(n - len(have))
+
+
+class _Cork:
+    """Replies answered inline, handed to the transport together: one send for every reply to
+    the requests a client sent together."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, reply: bytes) -> None:
+        self.parts.append(reply)
+        self.size += len(reply)
+
+    def hand_over(self) -> None:
+        if self.parts and not self.writer.is_closing():
+            self.writer.write(b"".join(self.parts))
+        self.parts.clear()
+        self.size = 0
+
+    async def flush(self) -> None:
+        """Hand them over, and wait for the client to take them when it is slow (over 1 MiB in
+        the write buffer)."""
+        if self.parts:
+            self.hand_over()
+            if self.writer.transport.get_write_buffer_size() > 1024 * 1024:
+                await self.writer.drain()
 
 
 async def _send_file(transport: asyncio.WriteTransport, part: FileSlice) -> None:
