@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Sequence
 
 from liverestore.agent.concurrency import AdaptiveLimit
 from liverestore.agent.scheduler import FetchClass, FetchScheduler, Job
-from liverestore.agent.source import Fetched, Sink, ThrottledSource
+from liverestore.agent.source import Answer, Ask, Fetched, Sink, ThrottledSource
 from liverestore.repository import DiskManifest
 
 KiB, MiB = 1024, 1024 * 1024
@@ -23,6 +24,10 @@ class InstantStore:
 
     async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
         return Fetched(self.block, self.block)
+
+    async def fetch_many(self, manifest: DiskManifest, asks: Sequence[Ask], answer: Answer) -> None:
+        for n in range(len(asks)):
+            answer(n, Fetched(self.block, self.block))
 
 
 def _sustained(link: ThrottledSource, limit: AdaptiveLimit | None, block: int, count: int,

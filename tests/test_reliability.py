@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from liverestore.agent.nbd import protocol as p
+from liverestore.agent.source import Fetched, RepositorySource, RetryingSource
 from liverestore.backup import run_backup
+from liverestore.errors import RepositoryUnavailable
 from liverestore.repository import Repository, RestorePoint
 from tests.conftest import AgentFactory
 from tests.helpers import MiB, make_disk
@@ -196,3 +199,42 @@ def test_full_destination_and_small_cache_are_refused(tmp_path: Path) -> None:
         assert not list(small.rglob("*.raw"))
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_an_outage_under_a_batch_of_fetches_retries_each_block_until_it_lands(tmp_path: Path) -> None:
+    """Blocks started together are fetched by one call (``fetch_many``); an outage under it is
+    ridden out for every one of them, each answered once, with its own bytes, when the
+    repository is back; and past the deadline each is told the repository is unavailable."""
+    repo = Repository.init(tmp_path / "repo", 64 * 1024)
+    path = tmp_path / "disk.raw"
+    content = make_disk(path, 8 * MiB)
+    point, _ = run_backup(repo, "vm1", [path], [])
+    manifest = repo.load_manifest(point.record.disks[0])
+    blocks = [i for i in range(manifest.block_count) if manifest.is_allocated(i)][:24]
+    assert len(blocks) == 24
+
+    async def fetch_all(source: RetryingSource, heal_after: float | None) -> dict[int, list[Fetched | Exception]]:
+        answers: dict[int, list[Fetched | Exception]] = {}
+        (repo.root / "packs").rename(repo.root / "packs.away")
+        if heal_after is not None:
+            asyncio.get_running_loop().call_later(heal_after, (repo.root / "packs.away").rename, repo.root / "packs")
+        await source.fetch_many(manifest, [(i, None) for i in blocks], lambda n, got: answers.setdefault(n, []).append(got))
+        return answers
+
+    source = RetryingSource(RepositorySource(repo), deadline_s=30)
+    t0 = time.monotonic()
+    answers = asyncio.run(fetch_all(source, heal_after=0.6))
+    assert time.monotonic() - t0 >= 0.6 and source.outages == 1 and source.retries >= len(blocks)
+    assert sorted(answers) == list(range(len(blocks)))
+    for n, got in answers.items():
+        assert len(got) == 1 and isinstance(got[0], Fetched), got
+        start = blocks[n] * manifest.block_size
+        assert got[0].data == content[start : start + manifest.block_size]
+    assert source.available
+
+    bounded = RetryingSource(RepositorySource(repo), deadline_s=0.5)
+    answers = asyncio.run(fetch_all(bounded, heal_after=None))
+    assert sorted(answers) == list(range(len(blocks)))
+    assert all(len(got) == 1 and isinstance(got[0], RepositoryUnavailable) for got in answers.values())
+    (repo.root / "packs.away").rename(repo.root / "packs")
+    repo.close()

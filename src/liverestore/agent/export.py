@@ -25,8 +25,8 @@ from liverestore.agent.nbd import protocol as p
 from liverestore.agent.nbd.export import ExportError, FileSlice
 from liverestore.agent.readahead import Readahead
 from liverestore.agent.recorder import AccessRecorder
-from liverestore.agent.scheduler import FetchClass, FetchScheduler, Tenant
-from liverestore.agent.source import BlockSource
+from liverestore.agent.scheduler import FetchClass, FetchScheduler, GroupJob, Report, Tenant
+from liverestore.agent.source import Ask, BlockSource, Fetched
 from liverestore.errors import IntegrityError, RepositoryError
 from liverestore.repository import DiskManifest
 
@@ -75,6 +75,7 @@ class DiskExport:
         self._unread = Bitmap(self.read_cache.block_count)  # fetched here, not yet read whole
         self.read_observers: list[Callable[[int, int], None]] = []  # e.g. the set-3 cursor tracker
         self._background: set[asyncio.Task[None]] = set()  # set 2's copier; stopped by ``close``
+        self._fill_group = self._fill  # one object: the scheduler groups fetches by their runner
         self.readahead = Readahead(self, readahead_bytes) if readahead_bytes > 0 else None
 
     # -- block bookkeeping ---------------------------------------------------------------------
@@ -104,30 +105,48 @@ class DiskExport:
         """The scheduler's future for block ``idx`` (queued, or joined when already pending). A read
         waits on these futures themselves: wrapping each in a task cost a task per block. ``why``
         names the fetch in the metrics when its class alone does not (readahead)."""
-        return self.scheduler.submit((self.name, idx), cls, functools.partial(self._fill, idx, why=why), self.tenant)
+        return self.scheduler.submit((self.name, idx), cls, GroupJob(self._fill_group, (idx, why)), self.tenant)
 
-    async def _fill(self, idx: int, cls: FetchClass, why: str | None = None) -> None:
-        if self.present(idx):
-            return
-        offset = idx * self.block_size
-        try:  # the block is written into the cache by the fetch thread, off the event loop
-            got = await self.source.fetch(self.manifest, idx, lambda data: self.read_cache.pwrite(data, offset))
-        except (IntegrityError, RepositoryError) as e:
+    async def _fill(self, items: list[tuple[int, str | None]], cls: FetchClass, report: Report) -> None:
+        """Fetch the blocks the scheduler started together into the cache, reporting each as it
+        lands. A block is written by the fetch thread that decoded it, off the event loop."""
+        asks: list[Ask] = []
+        asked: list[int] = []  # which item each ask is
+        for n, (idx, _) in enumerate(items):
+            if self.present(idx):
+                report(n, None)
+            else:
+                asks.append((idx, functools.partial(self.read_cache.pwrite, offset=idx * self.block_size)))
+                asked.append(n)
+
+        def landed(k: int, got: Fetched | Exception) -> None:
+            n = asked[k]
+            idx, why = items[n]
+            if isinstance(got, Exception):
+                report(n, self._fetch_failed(idx, got))
+                return
+            self.read_cache.mark(idx)  # only now: a bit is never set before its block is written
+            self._unread.set(idx)
+            self.metrics.record_fetch(why or str(cls), got.size, got.stored_bytes, got.request_share)
+            report(n, None)
+
+        if asks:
+            await self.source.fetch_many(self.manifest, asks, landed)
+
+    def _fetch_failed(self, idx: int, e: Exception) -> Exception:
+        """What a reader of block ``idx`` is told when its fetch failed, logged once here."""
+        if isinstance(e, (IntegrityError, RepositoryError)):
             self.metrics.fetch_errors += 1
             log.error("%s: block %d (chunk %s) cannot be served: %s", self.name, idx, self.manifest.chunk(idx), e)
-            raise ExportError(p.EIO, f"block {idx}: {e}") from None
-        except OSError as e:  # e.g. the cache filesystem filled up: fail this read, keep serving
+            return ExportError(p.EIO, f"block {idx}: {e}")
+        if isinstance(e, OSError):  # e.g. the cache filesystem filled up: fail this read, keep serving
             log.error("%s: cannot write block %d to the cache %s: %s", self.name, idx, self.read_cache.data_path,
                       e.strerror)  # fmt: skip
-            raise ExportError(
-                p.ENOSPC if e.errno == errno.ENOSPC else p.EIO, f"cache write failed: {e.strerror}"
-            ) from None
-        self.read_cache.mark(idx)  # only now: a bit is never set before its block is written
-        self._unread.set(idx)
-        self.metrics.record_fetch(why or str(cls), got.size, got.stored_bytes, got.request_share)
+            return ExportError(p.ENOSPC if e.errno == errno.ENOSPC else p.EIO, f"cache write failed: {e.strerror}")
+        return e
 
     def prefetch(self, blocks: Iterable[int], cls: FetchClass, why: str | None = None) -> list[asyncio.Future[None]]:
-        """Queue background copies into the cache; failures are logged by ``_fill``, not raised."""
+        """Queue background copies into the cache; failures are logged by ``_fetch_failed``, not raised."""
         futs = []
         for idx in blocks:
             if not self.present(idx):

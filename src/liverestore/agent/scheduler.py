@@ -12,7 +12,8 @@ readahead ahead of any reader walking a disk in order) and ``prefetch`` (sets 1 
 * ``fifo`` — one queue in arrival order; the naive baseline the benchmarks compare against.
 
 A key (export, block) is fetched once: a second request joins the first, and a demand request
-for a block queued as background work promotes it.
+for a block queued as background work promotes it. The fetches that start in one turn run as
+one call per disk, tenant and class (``GroupJob``), each still its own slot and its own answer.
 
 One agent may serve several restore points at once (mass restore). Each fetch names its
 *tenant* (the point it serves), every tenant has its own queues and may have its own mode, and
@@ -36,6 +37,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from liverestore.agent.concurrency import AdaptiveLimit
 
@@ -56,6 +58,36 @@ class Mode(StrEnum):
 
 Job = Callable[["FetchClass"], Awaitable[None]]
 Tenant = Hashable  # whose fetch: one served restore point (None when an agent serves one)
+Report = Callable[[int, "BaseException | None"], None]  # item n of a group is done (None) or failed
+GroupRunner = Callable[[list[Any], "FetchClass", Report], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class GroupJob:
+    """A fetch that runs together with the others of its ``runner`` (and tenant and class) that
+    start in the same turn of the scheduler: one call for all their ``item``s, which reports
+    each item as it is done. A cold 1 MiB read at 64 KiB blocks starts 16 fetches at once; a
+    task, a chain of coroutines and a future each cost more of the event loop than the read."""
+
+    runner: GroupRunner
+    item: Any
+
+
+async def _run_jobs(jobs: list[Job], cls: FetchClass, report: Report) -> None:
+    """The runner of plain jobs: each on its own, reported as it ends."""
+
+    async def one(n: int, job: Job) -> None:
+        try:
+            await job(cls)
+        except Exception as e:
+            report(n, e)
+        else:
+            report(n, None)
+
+    if len(jobs) == 1:
+        await one(0, jobs[0])
+    else:
+        await asyncio.gather(*(one(n, job) for n, job in enumerate(jobs)))
 
 LIGHT_BLOCKS = 32  # a tenant with fewer fetches than this running and queued reads like a booting guest
 LIGHT_HOLD_S = 1.0  # how long after a light tenant's last read the heavy tenants stay capped
@@ -66,13 +98,14 @@ BULK_SHARE = 4  # meanwhile the heavy tenants together hold at most 1/BULK_SHARE
 class _Entry:
     key: Hashable
     cls: FetchClass
-    job: Job
+    job: GroupJob
     future: asyncio.Future[None]
     enqueued: float
     tenant: Tenant = None
     started: bool = False
     task: asyncio.Task[None] | None = None  # once started
     counted_in: _TenantQueues | None = None  # whose in-flight count it raised when it started
+    finished: bool = False  # its slot is given back
 
 
 @dataclass
@@ -114,6 +147,7 @@ class FetchScheduler:
     _running: dict[FetchClass, int] = field(default_factory=dict)
     _next_tenant: int = 0  # round-robin: the tenant offered the next slot first
     _light_until: float = 0.0  # until when a light tenant (a booting guest) counts as reading
+    _pump_due: bool = False  # a _pump is scheduled for this turn (slots freed by a group's reports)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     stats: dict[FetchClass, ClassStats] = field(default_factory=dict)
 
@@ -148,8 +182,10 @@ class FetchScheduler:
             t.mode = None
         self._pump()
 
-    def submit(self, key: Hashable, cls: FetchClass, job: Job, tenant: Tenant = None) -> asyncio.Future[None]:
+    def submit(self, key: Hashable, cls: FetchClass, job: Job | GroupJob, tenant: Tenant = None) -> asyncio.Future[None]:
         """Queue ``job`` under ``key`` (or join the pending one) and return its completion future."""
+        if not isinstance(job, GroupJob):
+            job = GroupJob(_run_jobs, job)
         entry = self._pending.get(key)
         if entry is not None:
             if not entry.started and _rank(cls) < _rank(entry.cls):
@@ -330,6 +366,7 @@ class FetchScheduler:
         # 3.1-3.4 s with a quarter, against 1.8 s alone. The copiers get every slot back a
         # second after the guest's last read.
         bulk_cap = max(2, self.slots // BULK_SHARE) if time.monotonic() < self._light_until else None
+        groups: dict[tuple[GroupRunner, Tenant, FetchClass], list[_Entry]] = {}
         while (entry := self._pick(background_ok, bulk_cap)) is not None:
             entry.started = True
             st = self.stats[entry.cls]
@@ -342,35 +379,69 @@ class FetchScheduler:
             if (t := self._tenants.get(entry.tenant)) is not None:  # none under fifo
                 t.running += 1
                 entry.counted_in = t
-            task = entry.task = asyncio.get_running_loop().create_task(self._run(entry))
+            # one group is one tenant's: ``forget`` stops a tenant's fetches by their task
+            groups.setdefault((entry.job.runner, entry.tenant, entry.cls), []).append(entry)
+        for (runner, _, cls), entries in groups.items():
+            task = asyncio.get_running_loop().create_task(self._run(runner, cls, entries))
+            for entry in entries:
+                entry.task = task
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, entry: _Entry) -> None:
-        cls = entry.cls
+    async def _run(self, runner: GroupRunner, cls: FetchClass, entries: list[_Entry]) -> None:
         inflight, t0 = sum(self._running.values()), time.monotonic()
+
+        def report(n: int, error: BaseException | None) -> None:
+            if not entries[n].finished:
+                self._finish(entries[n], error, t0, inflight)
+                self._pump_soon()
+
         try:
-            await entry.job(cls)
+            await runner([e.job.item for e in entries], cls, report)
         except asyncio.CancelledError:
-            if not entry.future.done():
-                entry.future.cancel()
+            for e in entries:
+                self._finish(e, asyncio.CancelledError())
             raise
-        except BaseException as e:
-            if not entry.future.done():
-                entry.future.set_exception(e)
+        except BaseException as error:
+            for e in entries:
+                self._finish(e, error)
         else:
-            if not entry.future.done():
-                entry.future.set_result(None)
-            if self.adaptive is not None:  # only completed fetches say something about the link
-                self.slots = max(2, self.adaptive.sample(time.monotonic() - t0, inflight))
+            for e in entries:  # a runner answers every item; one it forgot must not hang its reader
+                self._finish(e, RuntimeError(f"fetch {e.key} ended without an answer"))
         finally:
-            self._running[cls] -= 1
-            if entry.counted_in is not None:
-                entry.counted_in.running -= 1
-            if self._pending.get(entry.key) is entry:
-                del self._pending[entry.key]
-            with contextlib.suppress(RuntimeError):
-                self._pump()
+            self._pump_soon()
+
+    def _finish(self, entry: _Entry, error: BaseException | None, t0: float = 0.0, inflight: int = 0) -> None:
+        """Settle a started fetch (once) and give its slot back; a completed one is a sample of
+        the link's latency."""
+        if entry.finished:
+            return
+        entry.finished = True
+        if not entry.future.done():
+            if isinstance(error, asyncio.CancelledError):
+                entry.future.cancel()
+            elif error is not None:
+                entry.future.set_exception(error)
+            else:
+                entry.future.set_result(None)
+        if error is None and self.adaptive is not None:  # only completed fetches say something about the link
+            self.slots = max(2, self.adaptive.sample(time.monotonic() - t0, inflight))
+        self._running[entry.cls] -= 1
+        if entry.counted_in is not None:
+            entry.counted_in.running -= 1
+        if self._pending.get(entry.key) is entry:
+            del self._pending[entry.key]
+
+    def _pump_soon(self) -> None:
+        """One ``_pump`` for all the slots freed in this turn, not one per block answered."""
+        if not self._pump_due:
+            with contextlib.suppress(RuntimeError):  # no loop: the agent is shutting down
+                asyncio.get_running_loop().call_soon(self._pump_later)
+                self._pump_due = True
+
+    def _pump_later(self) -> None:
+        self._pump_due = False
+        self._pump()
 
 
 def _rank(cls: FetchClass) -> int:
