@@ -75,7 +75,6 @@ class DiskExport:
         self._unread = Bitmap(self.read_cache.block_count)  # fetched here, not yet read whole
         self.read_observers: list[Callable[[int, int], None]] = []  # e.g. the set-3 cursor tracker
         self._background: set[asyncio.Task[None]] = set()  # set 2's copier; stopped by ``close``
-        self._fill_group = self._fill  # one object: the scheduler groups fetches by their runner
         self.readahead = Readahead(self, readahead_bytes) if readahead_bytes > 0 else None
 
     # -- block bookkeeping ---------------------------------------------------------------------
@@ -105,7 +104,7 @@ class DiskExport:
         """The scheduler's future for block ``idx`` (queued, or joined when already pending). A read
         waits on these futures themselves: wrapping each in a task cost a task per block. ``why``
         names the fetch in the metrics when its class alone does not (readahead)."""
-        return self.scheduler.submit((self.name, idx), cls, GroupJob(self._fill_group, (idx, why)), self.tenant)
+        return self.scheduler.submit((self.name, idx), cls, GroupJob(self._fill, (idx, why)), self.tenant)
 
     async def _fill(self, items: list[tuple[int, str | None]], cls: FetchClass, report: Report) -> None:
         """Fetch the blocks the scheduler started together into the cache, reporting each as it

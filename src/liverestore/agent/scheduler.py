@@ -61,6 +61,10 @@ Tenant = Hashable  # whose fetch: one served restore point (None when an agent s
 Report = Callable[[int, "BaseException | None"], None]  # item n of a group is done (None) or failed
 GroupRunner = Callable[[list[Any], "FetchClass", Report], Awaitable[None]]
 
+LIGHT_BLOCKS = 32  # a tenant with fewer fetches than this running and queued reads like a booting guest
+LIGHT_HOLD_S = 1.0  # how long after a light tenant's last read the heavy tenants stay capped
+BULK_SHARE = 4  # meanwhile the heavy tenants together hold at most 1/BULK_SHARE of the slots (see _pump)
+
 
 @dataclass(frozen=True)
 class GroupJob:
@@ -88,10 +92,6 @@ async def _run_jobs(jobs: list[Job], cls: FetchClass, report: Report) -> None:
         await one(0, jobs[0])
     else:
         await asyncio.gather(*(one(n, job) for n, job in enumerate(jobs)))
-
-LIGHT_BLOCKS = 32  # a tenant with fewer fetches than this running and queued reads like a booting guest
-LIGHT_HOLD_S = 1.0  # how long after a light tenant's last read the heavy tenants stay capped
-BULK_SHARE = 4  # meanwhile the heavy tenants together hold at most 1/BULK_SHARE of the slots (see _pump)
 
 
 @dataclass

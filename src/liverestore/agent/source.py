@@ -61,31 +61,25 @@ class BlockSource(Protocol):
         ...
 
 
+async def fetch_one(source: BlockSource, manifest: DiskManifest, index: int, sink: Sink | None) -> Fetched:
+    """``fetch`` as a ``fetch_many`` of one block: every source implements the batch, and a
+    single fetch (the classic copy, the tests) takes the same path with its retries and link."""
+    answers: list[Fetched | Exception] = []
+    await source.fetch_many(manifest, [(index, sink)], lambda _n, got: answers.append(got))
+    if isinstance(answers[0], Exception):
+        raise answers[0]
+    return answers[0]
+
+
 ANSWER_BYTES = 1024 * 1024  # a fetch thread answers readers after decoding this much of a run
 
 
 class _Taker(Protocol):
-    """Who waits for a fetched block: one ``fetch``'s future, or one ``fetch_many``."""
+    """Who waits for a fetched block (one ``fetch_many``)."""
 
     def answer(self, n: int, got: Fetched | Exception) -> None: ...
 
     def cancel(self) -> None: ...
-
-
-class _One:
-    def __init__(self, future: asyncio.Future[Fetched]) -> None:
-        self.future = future
-
-    def answer(self, n: int, got: Fetched | Exception) -> None:
-        if self.future.done():  # cancelled meanwhile
-            return
-        if isinstance(got, Exception):
-            self.future.set_exception(got)
-        else:
-            self.future.set_result(got)
-
-    def cancel(self) -> None:
-        self.future.cancel()
 
 
 class _Many:
@@ -167,9 +161,7 @@ class RepositorySource:
         self.repo.chunks.drop_index()
 
     async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
-        fut: asyncio.Future[Fetched] = asyncio.get_running_loop().create_future()
-        await self._queue(manifest, [(index, sink)], _One(fut))
-        return await fut
+        return await fetch_one(self, manifest, index, sink)
 
     async def fetch_many(self, manifest: DiskManifest, asks: Sequence[Ask], answer: Answer) -> None:
         if not asks:
@@ -278,20 +270,12 @@ class ThrottledSource:
         self._link_free_at = 0.0
 
     async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
-        if self.latency:
-            await asyncio.sleep(self.latency)
-        got = await self.inner.fetch(manifest, index, sink)
-        if self.bytes_per_s:
-            # one shared link: transfers queue behind each other, as on a real WAN/SAN port
-            now = time.monotonic()
-            start = max(now, self._link_free_at)
-            self._link_free_at = start + got.stored_bytes / self.bytes_per_s
-            await asyncio.sleep(self._link_free_at - now)
-        return got
+        return await fetch_one(self, manifest, index, sink)
 
     async def fetch_many(self, manifest: DiskManifest, asks: Sequence[Ask], answer: Answer) -> None:
-        """As ``fetch`` for each block, without a task each: blocks asked together wait out one
-        latency together, then each its turn on the link as it lands."""
+        """Blocks asked together wait out one latency together, then each its turn on the link as
+        it lands: one shared link, where transfers queue behind each other as on a real WAN/SAN
+        port. No task per block."""
         if self.latency:
             await asyncio.sleep(self.latency)
         if not self.bytes_per_s:
@@ -339,25 +323,11 @@ class RetryingSource:
         self.available = True
 
     async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
-        start = time.monotonic()
-        delay = 0.05
-        while True:
-            try:
-                got = await self.inner.fetch(manifest, index, sink)
-            except RepositoryUnavailable as e:
-                waited = time.monotonic() - start
-                if waited >= self.deadline_s:
-                    raise
-                self._down(e)
-                await asyncio.sleep(min(delay, self.deadline_s - waited))
-                delay = min(delay * 2, self.max_delay_s)
-                continue
-            self._back()
-            return got
+        return await fetch_one(self, manifest, index, sink)
 
     async def fetch_many(self, manifest: DiskManifest, asks: Sequence[Ask], answer: Answer) -> None:
-        """The blocks that met an outage are asked again, on the same backoff as ``fetch``; the
-        others are answered as they land."""
+        """The blocks that met an outage are asked again, with exponential backoff, until they
+        land or ``deadline_s`` has passed; the others are answered as they land."""
         start = time.monotonic()
         delay = 0.05
         todo = list(range(len(asks)))
@@ -386,7 +356,7 @@ class RetryingSource:
         await self.inner.fetch_many(manifest, [asks[n] for n in todo], relay)
         return failed
 
-    def _down(self, e: RepositoryUnavailable, blocks: int = 1) -> None:
+    def _down(self, e: RepositoryUnavailable, blocks: int) -> None:
         if self.available:
             self.available = False
             self.outages += 1
