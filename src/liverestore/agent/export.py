@@ -198,9 +198,9 @@ class DiskExport:
             data = b"".join(parts)
         if self.drop_behind is not None:
             self._release_read(blocks, offset, offset + length)
-        took = time.monotonic() - t0
-        self.metrics.record_read(length, not missing, took)
-        self.recorder.record(self.name, offset, length, not missing, took)
+        now = time.monotonic()
+        self.metrics.record_read(length, not missing, now - t0, now)
+        self.recorder.record(self.name, offset, length, not missing, now - t0, now)
         return data
 
     def read_now(self, offset: int, length: int) -> bytes | None:
@@ -214,8 +214,9 @@ class DiskExport:
             return None
         t0 = time.monotonic()
         data = self.read_cache.pread(length, offset)
-        self.metrics.record_read(length, True, time.monotonic() - t0)
-        self.recorder.record(self.name, offset, length, True)
+        now = time.monotonic()
+        self.metrics.record_read(length, True, now - t0, now)
+        self.recorder.record(self.name, offset, length, True, 0.0, now)
         return data
 
     async def write(self, offset: int, data: bytes) -> None:

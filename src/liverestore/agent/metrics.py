@@ -8,7 +8,6 @@ as the guest's latency.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -23,9 +22,14 @@ PROMETHEUS_BOUNDS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02
 def _index(us: float) -> int:
     if us < 1:
         return 0
-    exp = min(int(math.log2(us)), MAX_EXPONENT)
+    exp = min(int(us).bit_length() - 1, MAX_EXPONENT)  # floor(log2(us)), without a float log
     sub = min(int((us / 2**exp - 1) * SUB_BUCKETS), SUB_BUCKETS - 1)
     return 1 + exp * SUB_BUCKETS + sub
+
+
+def bucket_of(seconds: float) -> int:
+    """The bucket a latency of ``seconds`` is counted in."""
+    return _index(seconds * 1e6)
 
 
 def _upper_us(index: int) -> float:
@@ -46,7 +50,12 @@ class LatencyHistogram:
     sum_s: float = 0.0
 
     def add(self, seconds: float) -> None:
-        self.counts[_index(seconds * 1e6)] += 1
+        self.add_at(_index(seconds * 1e6), seconds)
+
+    def add_at(self, bucket: int, seconds: float) -> None:
+        """``add`` with its bucket already found (``bucket_of``): a read counted in two
+        histograms finds it once."""
+        self.counts[bucket] += 1
         self.total += 1
         self.sum_s += seconds
 
@@ -103,16 +112,18 @@ class Metrics:
     guest_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # reads under 512 KiB
     bulk_latency: LatencyHistogram = field(default_factory=LatencyHistogram)  # mirror and copy reads
 
-    def record_read(self, length: int, hit: bool, seconds: float) -> None:
-        self.last_read_at = time.monotonic()
+    def record_read(self, length: int, hit: bool, seconds: float, now: float | None = None) -> None:
+        """``now``: when the read was answered (``time.monotonic()``), if the caller has it."""
+        self.last_read_at = time.monotonic() if now is None else now
         self.reads += 1
         self.read_bytes += length
         if hit:
             self.read_hits += 1
         else:
             self.read_misses += 1
-        self.latency.add(seconds)
-        (self.bulk_latency if length >= BULK_READ_MIN else self.guest_latency).add(seconds)
+        bucket = bucket_of(seconds)
+        self.latency.add_at(bucket, seconds)
+        (self.bulk_latency if length >= BULK_READ_MIN else self.guest_latency).add_at(bucket, seconds)
 
     def record_fetch(self, cls: str, raw: int, stored: int, request_share: float = 0.0) -> None:
         self.requests += request_share

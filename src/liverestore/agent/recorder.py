@@ -13,8 +13,12 @@ from typing import TextIO
 MAX_EVENTS = 100_000  # the newest reads are kept (~15 MB at most); a boot is a few thousand
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AccessEvent:
+    """One answered read. Not frozen: a frozen dataclass builds itself through
+    ``object.__setattr__`` (1.3 us of the 2.2 us a cached 4 KiB read spent here); nothing
+    changes an event once recorded."""
+
     t: float  # time.monotonic() when the read was answered
     export: str
     offset: int
@@ -29,8 +33,10 @@ class AccessRecorder:
         self.dropped = 0
         self._file: TextIO | None = open(log_path, "a", buffering=1 << 16) if log_path else None  # noqa: SIM115
 
-    def record(self, export: str, offset: int, length: int, hit: bool, seconds: float = 0.0) -> None:
-        ev = AccessEvent(time.monotonic(), export, offset, length, hit, seconds)
+    def record(self, export: str, offset: int, length: int, hit: bool, seconds: float = 0.0,
+               now: float | None = None) -> None:  # fmt: skip
+        """``now``: when the read was answered (``time.monotonic()``), if the caller has it."""
+        ev = AccessEvent(time.monotonic() if now is None else now, export, offset, length, hit, seconds)
         if len(self.events) == MAX_EVENTS:
             self.dropped += 1  # the oldest read falls out of the ring
         self.events.append(ev)
