@@ -257,3 +257,37 @@ def test_pipelined_small_reads_share_sends_and_mixed_requests_keep_their_replies
         assert data == content[offset : offset + length], (offset, length)
     assert failed == 1 and list(wanted.values()) == [None]
     c.close()
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_a_cached_read_sent_with_sendfile_sends_its_headers_in_one_write(
+    repo: Repository,
+    point: RestorePoint,
+    disk: tuple[Path, bytes],
+    start_agent: AgentFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    structured: bool,
+) -> None:
+    """A large read from the cache goes out as its headers, then ``sendfile`` of the data: the
+    headers in one ``send``. A structured reply's chunk header and offset sent apart were two
+    sends, two packets and two wake-ups of the client on loopback, per read (warm 1 MiB reads
+    over TCP ran at two thirds of the speed)."""
+    agent = start_agent(repo, point)
+    c = NbdClient("127.0.0.1", agent.port, "vm1/disk0", structured=structured)
+    content = disk[1]
+    assert c.read(0, 4 * MiB) == content[: 4 * MiB]  # now cached
+
+    sends: list[int] = []
+    real_send = socket.socket.send
+
+    def counting_send(sock: socket.socket, data: Any, *flags: int) -> int:
+        if sock.family == socket.AF_INET:  # not the event loop's wake-up socketpair
+            sends.append(len(data))
+        return real_send(sock, data, *flags)
+
+    monkeypatch.setattr(socket.socket, "send", counting_send)
+    for i in range(4):
+        assert c.read(i * MiB, MiB) == content[i * MiB : (i + 1) * MiB]
+    head = 20 + 8 if structured else 16  # chunk header and offset, or the simple reply
+    assert sends == [head] * 4, f"sends of {sends} bytes for 4 cached 1 MiB reads"
+    c.close()
