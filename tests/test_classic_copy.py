@@ -42,10 +42,12 @@ def _copy(tmp_path: Path, latency_ms: float, fetch_slots: int | None = None) -> 
 def test_a_copy_behind_a_link_shares_ranged_reads(tmp_path: Path) -> None:
     """10 ms per fetch: started one by one as single fetches completed (each block's transfer on
     the link ends at its own time), more than half the blocks were requests of their own (9,414
-    for the 16,384 blocks of a 1 GiB disk); started in batches, about one in ten."""
+    for the 16,384 blocks of a 1 GiB disk); started in batches of tasks, about one in eight
+    (129-140 requests here); a batch as one ``fetch_many``, whose blocks reach the repository in
+    one turn, about one in fourteen (70-78)."""
     report, took = _copy(tmp_path, 10.0)
     print(f"10 ms link: {report.repository_requests} requests for {BLOCKS} blocks in {took:.2f} s")
-    assert report.repository_requests <= BLOCKS // 4
+    assert report.repository_requests <= BLOCKS // 10
 
 
 def test_a_copy_behind_a_long_link_keeps_more_than_32_in_flight(tmp_path: Path) -> None:
