@@ -308,32 +308,3 @@ def test_bulk_tenants_share_a_quarter_of_the_slots_while_a_guest_boots(monkeypat
         await asyncio.gather(*futs)
 
     asyncio.run(main())
-
-
-def test_fetches_submitted_in_a_batch_start_as_one_group_in_priority_order() -> None:
-    """A read submits its missing blocks one by one; inside ``batch()`` they start when it ends,
-    as one call of their runner (one task, one ``fetch_many``), and a guest read submitted last
-    in the batch is picked before the prefetches submitted ahead of it. Outside a batch each
-    submit starts at once: a group of one per block."""
-    calls: list[tuple[FetchClass, list[str]]] = []
-
-    async def runner(items: list[str], cls: FetchClass, report: scheduler.Report) -> None:
-        calls.append((cls, list(items)))
-        for n in range(len(items)):
-            report(n, None)
-
-    async def main() -> None:
-        sched = FetchScheduler(slots=4, mode=Mode.DEMAND_FIRST)
-        with sched.batch():
-            futs = [sched.submit(f"b{i}", FetchClass.DEMAND, scheduler.GroupJob(runner, f"b{i}")) for i in range(3)]
-            futs += [sched.submit(f"p{i}", FetchClass.PREFETCH, scheduler.GroupJob(runner, f"p{i}")) for i in range(3)]
-            futs.append(sched.submit("g", FetchClass.DEMAND, scheduler.GroupJob(runner, "g")))
-            assert sched.snapshot()["running"] == {str(c): 0 for c in FetchClass}  # nothing started yet
-        await asyncio.gather(*futs)
-        assert calls[0] == (FetchClass.DEMAND, ["b0", "b1", "b2", "g"])  # all four slots: guest reads
-        calls.clear()
-        futs = [sched.submit(f"c{i}", FetchClass.DEMAND, scheduler.GroupJob(runner, f"c{i}")) for i in range(3)]
-        await asyncio.gather(*futs)
-        assert calls == [(FetchClass.DEMAND, [f"c{i}"]) for i in range(3)]
-
-    asyncio.run(main())

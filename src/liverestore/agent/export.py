@@ -147,12 +147,11 @@ class DiskExport:
     def prefetch(self, blocks: Iterable[int], cls: FetchClass, why: str | None = None) -> list[asyncio.Future[None]]:
         """Queue background copies into the cache; failures are logged by ``_fetch_failed``, not raised."""
         futs = []
-        with self.scheduler.batch():
-            for idx in blocks:
-                if not self.present(idx):
-                    fut = self._submit(idx, cls, why)
-                    fut.add_done_callback(_swallow)
-                    futs.append(fut)
+        for idx in blocks:
+            if not self.present(idx):
+                fut = self._submit(idx, cls, why)
+                fut.add_done_callback(_swallow)
+                futs.append(fut)
         return futs
 
     def run_in_background(self, work: Coroutine[Any, Any, None]) -> None:
@@ -179,9 +178,7 @@ class DiskExport:
         missing = [i for i in blocks if not self.present(i) and not (cow and cow.has(i))]
         try:
             if missing:
-                with self.scheduler.batch():
-                    waits = [self._submit(i, FetchClass.DEMAND) for i in missing]
-                await asyncio.gather(*waits)
+                await asyncio.gather(*(self._submit(i, FetchClass.DEMAND) for i in missing))
         except ExportError:
             self.metrics.read_errors += 1
             raise

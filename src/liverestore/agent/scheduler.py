@@ -34,7 +34,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -148,7 +148,6 @@ class FetchScheduler:
     _next_tenant: int = 0  # round-robin: the tenant offered the next slot first
     _light_until: float = 0.0  # until when a light tenant (a booting guest) counts as reading
     _pump_due: bool = False  # a _pump is scheduled for this turn (slots freed by a group's reports)
-    _batching: int = 0  # inside ``batch()``: submits wait for its end to start
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     stats: dict[FetchClass, ClassStats] = field(default_factory=dict)
 
@@ -183,19 +182,6 @@ class FetchScheduler:
             t.mode = None
         self._pump()
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
-        """Fetches submitted inside start together when it ends: one ``_pump`` picks them in
-        priority order and runs the blocks of one export, tenant and class as one group. A read
-        of 16 blocks submitted one by one started 16 groups of one (a task and a ``fetch_many``
-        each, and a ``_pump`` per block: 18,658 pumps for a cold 1 GiB read at 64 KiB)."""
-        self._batching += 1
-        try:
-            yield
-        finally:
-            self._batching -= 1
-            self._pump_now()
-
     def submit(self, key: Hashable, cls: FetchClass, job: Job | GroupJob, tenant: Tenant = None) -> asyncio.Future[None]:
         """Queue ``job`` under ``key`` (or join the pending one) and return its completion future."""
         if not isinstance(job, GroupJob):
@@ -207,7 +193,7 @@ class FetchScheduler:
                 entry.cls = cls  # promote; the stale copy in the old queue is skipped when popped
                 self.stats[cls].queued += 1
                 self._enqueue(entry)
-                self._pump_now()
+                self._pump()
             return entry.future
         loop = asyncio.get_running_loop()
         now = time.monotonic()
@@ -219,7 +205,7 @@ class FetchScheduler:
         self._pending[key] = entry
         self.stats[cls].queued += 1
         self._enqueue(entry)
-        self._pump_now()
+        self._pump()
         return entry.future
 
     def cancel_queued(self, cls: FetchClass, tenant: Tenant = None) -> int:
@@ -445,11 +431,6 @@ class FetchScheduler:
             entry.counted_in.running -= 1
         if self._pending.get(entry.key) is entry:
             del self._pending[entry.key]
-
-    def _pump_now(self) -> None:
-        """``_pump``, unless a ``batch()`` is open (it pumps when it ends)."""
-        if not self._batching:
-            self._pump()
 
     def _pump_soon(self) -> None:
         """One ``_pump`` for all the slots freed in this turn, not one per block answered."""
