@@ -50,7 +50,7 @@ class LatencyHistogram:
     sum_s: float = 0.0
 
     def add(self, seconds: float) -> None:
-        self.add_at(_index(seconds * 1e6), seconds)
+        self.add_at(bucket_of(seconds), seconds)
 
     def add_at(self, bucket: int, seconds: float) -> None:
         """``add`` with its bucket already found (``bucket_of``): a read counted in two
