@@ -19,17 +19,14 @@ PROMETHEUS_BOUNDS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02
                        2.5, 5.0, 10.0)  # fmt: skip
 
 
-def _index(us: float) -> int:
+def bucket_of(seconds: float) -> int:
+    """The bucket a latency of ``seconds`` is counted in."""
+    us = seconds * 1e6
     if us < 1:
         return 0
     exp = min(int(us).bit_length() - 1, MAX_EXPONENT)  # floor(log2(us)), without a float log
     sub = min(int((us / 2**exp - 1) * SUB_BUCKETS), SUB_BUCKETS - 1)
     return 1 + exp * SUB_BUCKETS + sub
-
-
-def bucket_of(seconds: float) -> int:
-    """The bucket a latency of ``seconds`` is counted in."""
-    return _index(seconds * 1e6)
 
 
 def _upper_us(index: int) -> float:

@@ -283,29 +283,23 @@ class ThrottledSource:
             return
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        left = len(asks)
+        many = _Many(answer, len(asks), done)
         timers: list[asyncio.TimerHandle] = []
-
-        def deliver(n: int, got: Fetched | Exception) -> None:
-            nonlocal left
-            left -= 1
-            if left == 0 and not done.done():
-                done.set_result(None)
-            answer(n, got)
 
         def landed(n: int, got: Fetched | Exception) -> None:
             if isinstance(got, Exception):  # a failure pays no transfer time
-                deliver(n, got)
+                many.answer(n, got)
                 return
             now = time.monotonic()
             self._link_free_at = max(now, self._link_free_at) + got.stored_bytes / self.bytes_per_s
-            timers.append(loop.call_later(self._link_free_at - now, deliver, n, got))
+            timers.append(loop.call_later(self._link_free_at - now, many.answer, n, got))
 
         try:
             await self.inner.fetch_many(manifest, asks, landed)
             await done
         finally:
-            for timer in timers:  # cancelled: nothing is answered after its caller went away
+            many.cancel()  # done, or its caller went away: nothing more is relayed
+            for timer in timers:
                 timer.cancel()
 
 
