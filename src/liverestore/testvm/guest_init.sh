@@ -1,6 +1,9 @@
 #!/bin/busybox sh
 # liverestore test guest: load virtio, mount the data partition, verify the payload (a realistic
 # boot read pattern), print BOOT-OK, then keep writing a heartbeat and obey console commands.
+# The heartbeat beats in a loop of its own and commands are read with a plain blocking read: a
+# `read -t` runs to a deadline and reads byte by byte, so a line that lands just before the
+# deadline is cut, its first bytes dropped, and the command is lost (a demo's "verify" was).
 /bin/busybox mkdir -p /proc /sys /dev /mnt /tmp
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -14,10 +17,19 @@ n=0
 while [ ! -b /dev/vda2 ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
 # what the VM is: the restore of a stored definition must bring back its CPUs, memory and NICs
 echo "GUEST-INFO cpus=$(nproc) mem_kb=$(awk '/MemTotal/ {print $2}' /proc/meminfo) macs=$(cat /sys/class/net/eth*/address 2>/dev/null | tr '\n' ',')"
+# the heartbeat stops before the file system goes read-only, so the remount finds no writer
+stop_heartbeat() {
+    if [ -f /tmp/heartbeat.pid ]; then
+        hb=$(cat /tmp/heartbeat.pid)
+        kill "$hb" 2>/dev/null
+        # gone, or a zombie: the init shell reaps it only when it next waits, not while it reads
+        while [ -e "/proc/$hb" ] && ! grep -q "zombie" "/proc/$hb/status" 2>/dev/null; do sleep 0.1; done
+    fi
+}
 # the ACPI power button (virsh shutdown, QMP system_powerdown): unmount cleanly, then power off
 for ev in /sys/class/input/event*; do
     if grep -q "Power Button" "$ev/device/name" 2>/dev/null; then
-        (head -c 24 "/dev/input/${ev##*/}" >/dev/null; echo "ACPI-POWERDOWN"; sync
+        (head -c 24 "/dev/input/${ev##*/}" >/dev/null; echo "ACPI-POWERDOWN"; stop_heartbeat; sync
          mount -o remount,ro /mnt; sync; poweroff -f) &
     fi
 done
@@ -35,9 +47,19 @@ verify BOOT
 echo "MARKS $(ls /mnt/marks 2>/dev/null | tr '\n' ' ')"
 echo "LASTBEAT $(tail -n 1 /mnt/heartbeat.log 2>/dev/null)"
 beat=0
+(
+    while true; do
+        sleep 2
+        beat=$((beat + 1))
+        echo "beat $beat $(date +%s)" >> /mnt/heartbeat.log
+        sync
+        echo "HEARTBEAT $beat"
+    done
+) &
+echo $! > /tmp/heartbeat.pid
 while true; do
     cmd=""
-    read -t 2 cmd
+    read cmd || sleep 1  # no busy loop should the console ever report end of file
     case "$cmd" in
         verify)
             sync; echo 3 > /proc/sys/vm/drop_caches
@@ -62,12 +84,8 @@ while true; do
             sync
             echo "SCRIBBLE-OK $n" ;;
         halt)
-            sync; mount -o remount,ro /mnt; sync
+            stop_heartbeat; sync; mount -o remount,ro /mnt; sync
             echo "HALTED"
             poweroff -f ;;
     esac
-    beat=$((beat + 1))
-    echo "beat $beat $(date +%s)" >> /mnt/heartbeat.log
-    sync
-    echo "HEARTBEAT $beat"
 done
