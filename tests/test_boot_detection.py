@@ -42,3 +42,25 @@ def test_reads_going_quiet_end_the_boot_and_a_warm_cache_is_reported(vm_backup: 
     # blocks, not of reads: with readahead, more of the first boot's reads hit)
     assert second.cache_start == "warm" and second.cache_blocks_at_start >= first.blocks_fetched > 0
     assert second.hit_rate > first.hit_rate
+
+
+def test_a_marker_that_never_comes_names_the_console_log_and_the_guests_last_line(tmp_path: Path) -> None:
+    """At 3 a.m. the error says where to look: a guest that hung, one still busy, and one that never
+    received its command differ by their last line."""
+    from liverestore.errors import LiverestoreError
+    from liverestore.hypervisor.console import wait_for_marker
+
+    log = tmp_path / "serial.log"
+    log.write_text("BOOT-OK\nverify\nHEARTBEAT 7\n")
+    try:
+        asyncio.run(wait_for_marker(log, "VERIFY-OK", 0.2, len("BOOT-OK\n"), lambda: True))
+    except LiverestoreError as e:
+        assert str(e) == (f"the VM did not print VERIFY-OK within 0 s (console log {log}; "
+                          "its last line since then: 'HEARTBEAT 7')")  # fmt: skip
+    else:
+        raise AssertionError("a marker that never came was reported found")
+    log.write_text("BOOT-OK\n")
+    try:
+        asyncio.run(wait_for_marker(log, "VERIFY-OK", 0.1, len("BOOT-OK\n"), lambda: True))
+    except LiverestoreError as e:
+        assert str(e).endswith("its last line since then: nothing)"), str(e)

@@ -50,5 +50,13 @@ async def wait_for_marker(
         if not running():
             raise LiverestoreError(f"the VM stopped before printing {marker}{why_stopped}")
         if time.monotonic() > deadline:
-            raise LiverestoreError(f"the VM did not print {marker} within {timeout:.0f} s")
+            raise LiverestoreError(f"the VM did not print {marker} within {timeout:.0f} s{_last_words(path, start)}")
         await asyncio.sleep(0.05)
+
+
+def _last_words(path: Path, start: int) -> str:
+    """Where to look next, on one line: the console log and the guest's last line since ``start``
+    (a late marker is told apart from a hung guest, or from a command it never received)."""
+    lines = [ln.strip() for ln in read_serial_log(path)[start:].splitlines() if ln.strip()]
+    last = repr(lines[-1][:80]) if lines else "nothing"
+    return f" (console log {path}; its last line since then: {last})"
