@@ -179,3 +179,31 @@ def test_forget_and_prune_on_s3(s3: SeaweedFS, tmp_path: Path) -> None:
         _served_equals(repo, home / "cache", content)
     finally:
         repo.close()
+
+
+def test_s3_reads_sort_their_failures_as_the_repository_expects(s3: SeaweedFS) -> None:
+    """The read path (obstore) sorts what goes wrong the way the boto3 calls do: a missing object
+    is missing, a missing bucket is named, a range past the end comes back short (for the chunk
+    checks to call damage), and a store that is away is unavailable, which the agent retries."""
+    from liverestore.errors import RepositoryError, RepositoryUnavailable
+    from liverestore.repository.backend import Handle, ObjectMissing, open_backend
+
+    backend = open_backend(_url())
+    h = Handle("packs", "ab" * 32)
+    backend.save(h, b"0123456789")
+    assert backend.load(h) == b"0123456789"
+    assert backend.load(h, 3, 4) == b"3456" and backend.load(h, 7) == b"789"
+    assert backend.load(h, 6, 100) == b"6789", "a range past the end comes back short, not padded"
+    with pytest.raises(ObjectMissing, match="is missing from"):
+        backend.load(Handle("packs", "cd" * 32), 0, 4)
+    with pytest.raises(RepositoryError, match="bucket nosuchbucket does not exist"):
+        open_backend("s3://nosuchbucket/x").load(h, 0, 4)
+    s3.kill()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RepositoryUnavailable, match=r"packs/abab.* in s3://"):
+            backend.load(h, 0, 4)
+        assert time.monotonic() - t0 < 15, "one retry, not the client's own long outage handling"
+    finally:
+        s3.start()
+    assert backend.load(h, 0, 4) == b"0123", "the store is back: so are its reads"

@@ -14,9 +14,12 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from liverestore.errors import RepositoryError, RepositoryUnavailable
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig
 
 KINDS = ("config", "chunks", "packs", "index", "manifests", "points", "profiles", "locks")
 _FANNED_OUT = ("chunks", "packs")  # many objects: the local backend spreads them over 256 directories
@@ -173,7 +176,14 @@ class LocalBackend:
 
 class S3Backend:
     """A bucket and prefix on any S3 server (AWS, Ceph RGW, MinIO, SeaweedFS). Endpoint and
-    credentials come the standard way: ``AWS_ENDPOINT_URL``, the AWS credential chain."""
+    credentials come the standard way: ``AWS_ENDPOINT_URL``, the AWS credential chain.
+
+    Reads (``load``: every chunk a restore fetches, as ranged GETs) go through ``obstore``, whose
+    HTTP client is Rust's and runs without the GIL; everything else through boto3. Measured on
+    SeaweedFS (loopback, 2 cores, 537 MB of packs, 32 threads): boto3 spent 2.3 s of CPU in 1 MiB
+    GETs (2.4 ms a request in Python, beside the agent's own work on the same cores) where obstore
+    spent 0.8 s, and took 2.16 s where obstore took 1.01 s. Both resolve the endpoint and
+    credentials through the same boto3 session, so the two clients cannot disagree."""
 
     def __init__(self, bucket: str, prefix: str = "", client: Any = None) -> None:
         import boto3
@@ -182,10 +192,12 @@ class S3Backend:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        self.client = client or boto3.client("s3", config=Config(
+        session = boto3.Session()
+        self.client = client or session.client("s3", config=Config(
             max_pool_connections=64, retries={"max_attempts": 2, "mode": "standard"},
             connect_timeout=5, read_timeout=30,
         ))  # fmt: skip
+        self._reader = _range_reader(session, bucket, self.client.meta.endpoint_url, self.client.meta.region_name)
 
     def key(self, h: Handle) -> str:
         return "/".join(p for p in (self.prefix, h.kind, h.name) if p)
@@ -233,14 +245,27 @@ class S3Backend:
         return True
 
     def load(self, h: Handle, offset: int = 0, length: int | None = None) -> bytes:
-        kw: dict[str, Any] = {"Key": self.key(h)}
-        if offset or length is not None:
-            kw["Range"] = f"bytes={offset}-" + (str(offset + length - 1) if length is not None else "")
-        r = self._call(h, self.client.get_object, **kw)
-        body: bytes = r["Body"].read()
-        if int(r.get("ContentLength", len(body))) != len(body):
-            raise RepositoryUnavailable(f"{h.kind}/{h.name}: short read from {self.location}")
-        return body
+        """The object, or ``length`` bytes of it from ``offset``. A range that runs past the end
+        of the object comes back short: the object is not what the index says, and the chunk
+        checks that follow name it damaged. A body cut short in transit is an error of the
+        client (its length is checked against the answer's), so the store counts as away."""
+        import obstore
+        from obstore.exceptions import BaseError, NotFoundError, PermissionDeniedError, UnauthenticatedError
+
+        what = f"{h.kind}/{h.name}"
+        try:
+            if length is not None:
+                return bytes(obstore.get_range(self._reader, self.key(h), start=offset, length=length))
+            return bytes(obstore.get(self._reader, self.key(h), options={"range": {"offset": offset}} if offset else {})
+                         .bytes())  # fmt: skip
+        except (FileNotFoundError, NotFoundError) as e:
+            if "NoSuchBucket" in str(e):
+                raise RepositoryError(f"bucket {self.bucket} does not exist") from None
+            raise ObjectMissing(f"{what} is missing from {self.location}") from None
+        except (PermissionDeniedError, UnauthenticatedError):
+            raise RepositoryError(f"{self.location}: access denied") from None
+        except BaseError as e:  # refused, reset, timed out, 5xx or throttled after its own retry
+            raise RepositoryUnavailable(f"{what} in {self.location}: {_first_line(e)}") from None
 
     def stat(self, h: Handle) -> int | None:
         try:
@@ -266,6 +291,30 @@ class S3Backend:
 
     def flush(self) -> None:
         """An acknowledged PUT is durable: nothing to do."""
+
+
+def _range_reader(session: Any, bucket: str, endpoint: str | None, region: str | None) -> Any:
+    """An obstore S3 store for reads, configured from the boto3 session: its endpoint (from
+    ``AWS_ENDPOINT_URL`` or the AWS config), its region and its credential chain (refreshed as
+    boto3 refreshes them). It retries a failed request once, as the boto3 client does: a longer
+    outage is ridden out, visibly, by the agent's ``RetryingSource``."""
+    from datetime import timedelta
+
+    from obstore.auth.boto3 import Boto3CredentialProvider
+    from obstore.store import S3Store
+
+    retry: RetryConfig = {"max_retries": 1, "retry_timeout": timedelta(seconds=10), "backoff": {
+        "init_backoff": timedelta(milliseconds=50), "max_backoff": timedelta(seconds=1), "base": 2.0}}  # fmt: skip
+    options: ClientConfig = {"allow_http": bool(endpoint and endpoint.startswith("http://")),
+                             "connect_timeout": "5s", "timeout": "30s"}  # fmt: skip
+    return S3Store(bucket, endpoint=endpoint, region=region or "us-east-1",
+                   credential_provider=Boto3CredentialProvider(session), client_options=options,
+                   retry_config=retry)  # fmt: skip
+
+
+def _first_line(e: Exception) -> str:
+    """obstore's errors carry a debug dump after their first line: the operator needs the first."""
+    return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
 
 
 def open_backend(location: str) -> Backend:
