@@ -57,6 +57,14 @@ def test_a_backup_is_a_few_packs_and_a_sequential_read_a_few_requests(
     print(f"{blocks} blocks read with {requests} requests")
     assert requests <= blocks // 8  # 32 blocks a read: neighbours in a pack share a ranged read
 
+    # the chunks lie in the packs in disk order, though two workers compressed them: a batch of
+    # neighbouring blocks is one contiguous span of its pack, never split by a swapped neighbour
+    [located] = repo.chunks.locations([repo.load_manifest(point.record.disks[0])])
+    spans = [(w.pack, w.offset, w.offset + w.length) for k in range(blocks) if (w := located.at(k)) is not None]
+    assert len(spans) == blocks
+    out_of_order = [k for k in range(1, blocks) if spans[k][0] == spans[k - 1][0] and spans[k][1] != spans[k - 1][2]]
+    assert not out_of_order, f"blocks out of disk order in their pack: {out_of_order[:10]}"
+
 
 def test_prune_repacks_a_mostly_dead_pack_and_a_serving_agent_follows(
     tmp_path: Path, start_agent: AgentFactory

@@ -34,20 +34,22 @@ def disk_name_of(path: Path) -> str:
 
 
 class _BlockStorer:
-    """Hash + compress + write in a small thread pool: blake3 and zstd drop the GIL, so two cores help."""
+    """Hash + compress in a small thread pool (blake3 and zstd drop the GIL, so two cores help);
+    the chunks are added to packs afterwards, in disk order (see ``ChunkStore.add``)."""
 
     def __init__(self, repo: Repository, known: set[str]) -> None:
         self.repo = repo
         self.known = known
         self.zero = bytes(repo.block_size)
 
-    def store(self, data: bytes) -> tuple[str | None, int]:
+    def prepare(self, data: bytes) -> tuple[str | None, bytes | None]:
+        """The block's chunk id (None: a zero block) and its stored bytes if it is new."""
         if data == self.zero[: len(data)]:
-            return None, 0
+            return None, None
         cid = self.repo.chunks.id_of(data)
         if cid in self.known:  # incremental: unchanged since the previous point, skip even the stat
-            return cid, 0
-        return self.repo.chunks.put(data, cid)
+            return cid, None
+        return self.repo.chunks.pack_ready(data, cid)
 
 
 def store_disk(
@@ -71,12 +73,13 @@ def store_disk(
     count = -(-size // bs)
     storer = _BlockStorer(repo, known)
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        inflight: deque[tuple[int, int, Future[tuple[str | None, int]]]] = deque()
+        inflight: deque[tuple[int, int, Future[tuple[str | None, bytes | None]]]] = deque()
 
         def drain(limit: int) -> None:
-            while len(inflight) > limit:
+            while len(inflight) > limit:  # oldest first: chunks go into packs in disk order
                 idx, length, fut = inflight.popleft()
-                cid, written = fut.result()
+                cid, blob = fut.result()
+                written = repo.chunks.add(cid, blob) if cid is not None and blob is not None else 0
                 blocks[idx] = cid
                 stats.bytes_new_stored += written
                 stats.blocks_new += written > 0
@@ -85,7 +88,7 @@ def store_disk(
                     progress(name, (idx + 1) * bs if idx + 1 < count else size, size)
 
         for idx, data in reads:
-            inflight.append((idx, len(data), pool.submit(storer.store, data)))
+            inflight.append((idx, len(data), pool.submit(storer.prepare, data)))
             drain(16)
         drain(0)
     stats.blocks_zero += sum(1 for c in blocks if c is None)  # zero blocks and holes alike

@@ -462,17 +462,32 @@ class ChunkStore:
     def put(self, data: bytes, cid: str | None = None) -> tuple[str, int]:
         """Store ``data`` unless present; return (chunk id, bytes newly written). Stored bytes
         are durable, and readable by others, only after ``flush``."""
+        cid, blob = self.pack_ready(data, cid)
+        return cid, 0 if blob is None else self.add(cid, blob)
+
+    def pack_ready(self, data: bytes, cid: str | None = None) -> tuple[str, bytes | None]:
+        """The costly half of ``put``, safe to run in parallel: the chunk's id and its stored
+        bytes (compressed, sealed), or None when the repository has it already."""
         cid = _check_id(cid or self.id_of(data))
         if cid in self._pending_ids or cid in self.index():
-            return cid, 0
+            return cid, None
         blob = self._compressor().compress(data)
         if self.key:
             blob = self.key.seal(blob, f"chunk {cid}")
+        return cid, blob
+
+    def add(self, cid: str, blob: bytes) -> int:
+        """Append a chunk from ``pack_ready`` unless it was stored meanwhile; bytes newly written.
+        A backup adds its blocks in disk order, so neighbours on the disk are neighbours in the
+        pack and a restore reading in order fetches them in one ranged read. Added as parallel
+        workers finished, neighbours swapped places: a restore's batch of neighbouring blocks
+        found a gap where a swapped block belonged to the batch before, and split in two (on
+        SeaweedFS at 1 MiB blocks, 270 requests per GiB read instead of 140)."""
         with self._write_lock:
             if cid in self._pending_ids:
-                return cid, 0
+                return 0
             self._append(cid, blob)
-        return cid, len(blob)
+        return len(blob)
 
     def put_blob(self, cid: str, blob: bytes) -> None:
         """Append an already stored chunk's bytes as they are (repacking: no recompression)."""
