@@ -148,6 +148,7 @@ class FetchScheduler:
     _next_tenant: int = 0  # round-robin: the tenant offered the next slot first
     _light_until: float = 0.0  # until when a light tenant (a booting guest) counts as reading
     _pump_due: bool = False  # a _pump is scheduled for this turn (slots freed by a group's reports)
+    _batch_ok: bool = True  # in this _pump, enough slots are free to start bulk work (see _pump)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     stats: dict[FetchClass, ClassStats] = field(default_factory=dict)
 
@@ -295,11 +296,12 @@ class FetchScheduler:
         return self._live_head(t.queues[cls], cls)
 
     def _foreground(self, t: _TenantQueues) -> _Entry | None:
-        """A tenant's guest read, or in ``fair`` mode its guest reads and set 3 in alternation."""
+        """A tenant's guest read, or in ``fair`` mode its guest reads and set 3 in alternation
+        (set 3 only while ``_batch_ok``, as background work: see ``_pump``)."""
         demand = self._head(t, FetchClass.DEMAND)
         if (t.mode or self.mode) != Mode.FAIR:
             return demand
-        reloc = self._head(t, FetchClass.RELOCATION)
+        reloc = self._head(t, FetchClass.RELOCATION) if self._batch_ok else None
         if demand and (reloc is None or t.turn % 2 == 0):
             t.turn += 1
             return demand
@@ -358,6 +360,10 @@ class FetchScheduler:
         # Guest reads are never held back: they take any free slot at once.
         free = self.slots - sum(self._running.values())
         background_ok = free >= max(2, int(self.slots * self.background_batch))
+        # Set 3 in ``fair`` mode too: it runs ahead of the mirror, so it can wait for a batch,
+        # and started a few blocks at a time as single fetches answered, its ranged reads stayed
+        # small (an instant restore from SeaweedFS at 64 KiB: 4.5 blocks a fetch call).
+        self._batch_ok = free >= max(1, int(self.slots * self.background_batch))
         # While a light tenant (a booting guest, a read or a few at a time) has read within the
         # last second, the heavy ones (relocations, bulk copies) share a quarter of the slots.
         # On a link that is one FIFO queue the guest's fetch waits behind everything in flight,
