@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from liverestore.errors import RepositoryError, RepositoryUnavailable
 
 if TYPE_CHECKING:
-    from obstore.store import ClientConfig, RetryConfig
+    from obstore.store import ClientConfig, RetryConfig, S3Store
 
 KINDS = ("config", "chunks", "packs", "index", "manifests", "points", "profiles", "locks")
 _FANNED_OUT = ("chunks", "packs")  # many objects: the local backend spreads them over 256 directories
@@ -293,7 +293,7 @@ class S3Backend:
         """An acknowledged PUT is durable: nothing to do."""
 
 
-def _range_reader(session: Any, bucket: str, endpoint: str | None, region: str | None) -> Any:
+def _range_reader(session: Any, bucket: str, endpoint: str | None, region: str | None) -> S3Store:
     """An obstore S3 store for reads, configured from the boto3 session: its endpoint (from
     ``AWS_ENDPOINT_URL`` or the AWS config), its region and its credential chain (refreshed as
     boto3 refreshes them). It retries a failed request once, as the boto3 client does: a longer
