@@ -210,7 +210,7 @@ def demo(
         echo(
             f"[{run + 2}/5] instant restore #{run} ({label}), repository latency {repo_latency_ms:g} ms/fetch"
         )
-        report = run_cancellable(restore_and_check(repo, opts(run), live=True, keep_running=run == 2))
+        report = run_cancellable(restore_and_check(repo, opts(run), live=True, keep_running=run == 2 and use_libvirt))
         echo(render_report(report))
         echo("  guest re-verified all files from the relocated disk: VERIFY-OK")
         reports.append(report)
