@@ -148,7 +148,6 @@ class FetchScheduler:
     _next_tenant: int = 0  # round-robin: the tenant offered the next slot first
     _light_until: float = 0.0  # until when a light tenant (a booting guest) counts as reading
     _pump_due: bool = False  # a _pump is scheduled for this turn (slots freed by a group's reports)
-    _batch_ok: bool = True  # in this _pump, enough slots are free to start bulk work (see _pump)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     stats: dict[FetchClass, ClassStats] = field(default_factory=dict)
 
@@ -295,13 +294,13 @@ class FetchScheduler:
     def _head(self, t: _TenantQueues, cls: FetchClass) -> _Entry | None:
         return self._live_head(t.queues[cls], cls)
 
-    def _foreground(self, t: _TenantQueues) -> _Entry | None:
+    def _foreground(self, t: _TenantQueues, set3_ok: bool) -> _Entry | None:
         """A tenant's guest read, or in ``fair`` mode its guest reads and set 3 in alternation
-        (set 3 only while ``_batch_ok``, as background work: see ``_pump``)."""
+        (set 3 only when ``set3_ok``, as background work: see ``_pump``)."""
         demand = self._head(t, FetchClass.DEMAND)
         if (t.mode or self.mode) != Mode.FAIR:
             return demand
-        reloc = self._head(t, FetchClass.RELOCATION) if self._batch_ok else None
+        reloc = self._head(t, FetchClass.RELOCATION) if set3_ok else None
         if demand and (reloc is None or t.turn % 2 == 0):
             t.turn += 1
             return demand
@@ -321,10 +320,11 @@ class FetchScheduler:
         included: an estimate). Its set 2 does not count: every restore queues one."""
         return t.running + len(t.queues[FetchClass.DEMAND]) + len(t.queues[FetchClass.RELOCATION])
 
-    def _pick(self, background_ok: bool, bulk_cap: int | None = None) -> _Entry | None:
-        """The next entry to start, if a slot is free: foreground work first, background work
-        only when ``background_ok`` and never into the last free slot; with ``bulk_cap``, no
-        tenant heavier than a booting guest starts one while such tenants hold that many."""
+    def _pick(self, background_ok: bool, bulk_cap: int | None = None, set3_ok: bool = True) -> _Entry | None:
+        """The next entry to start, if a slot is free: foreground work first (set 3 of a ``fair``
+        tenant only when ``set3_ok``), background work only when ``background_ok`` and never into
+        the last free slot; with ``bulk_cap``, no tenant heavier than a booting guest starts one
+        while such tenants hold that many."""
         busy = sum(self._running.values())
         free = self.slots - busy
         if free <= 0:
@@ -340,10 +340,11 @@ class FetchScheduler:
             heavy = [self._load(t) >= LIGHT_BLOCKS for t in tenants]
             if sum(t.running for t, h in zip(tenants, heavy, strict=True) if h) >= bulk_cap:
                 turns = [i for i in turns if not heavy[i]]
-        passes = [self._foreground, self._background] if free > 1 and background_ok else [self._foreground]
-        for offer in passes:  # every tenant's foreground work before anyone's background work
+        passes = (False, True) if free > 1 and background_ok else (False,)
+        for background in passes:  # every tenant's foreground work before anyone's background work
             for i in turns:
-                if (entry := offer(tenants[i])) is not None:
+                t = tenants[i]
+                if (entry := self._background(t) if background else self._foreground(t, set3_ok)) is not None:
                     self._next_tenant = (i + 1) % n
                     return entry
         return None
@@ -363,7 +364,7 @@ class FetchScheduler:
         # Set 3 in ``fair`` mode too: it runs ahead of the mirror, so it can wait for a batch,
         # and started a few blocks at a time as single fetches answered, its ranged reads stayed
         # small (an instant restore from SeaweedFS at 64 KiB: 4.5 blocks a fetch call).
-        self._batch_ok = free >= max(1, int(self.slots * self.background_batch))
+        set3_ok = free >= max(1, int(self.slots * self.background_batch))
         # While a light tenant (a booting guest, a read or a few at a time) has read within the
         # last second, the heavy ones (relocations, bulk copies) share a quarter of the slots.
         # On a link that is one FIFO queue the guest's fetch waits behind everything in flight,
@@ -373,7 +374,7 @@ class FetchScheduler:
         # second after the guest's last read.
         bulk_cap = max(2, self.slots // BULK_SHARE) if time.monotonic() < self._light_until else None
         groups: dict[tuple[GroupRunner, Tenant, FetchClass], list[_Entry]] = {}
-        while (entry := self._pick(background_ok, bulk_cap)) is not None:
+        while (entry := self._pick(background_ok, bulk_cap, set3_ok)) is not None:
             entry.started = True
             st = self.stats[entry.cls]
             st.queued -= 1
