@@ -10,7 +10,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from liverestore.agent.control import ControlServer
-from liverestore.agent.metrics import LatencyHistogram
+from liverestore.agent.metrics import LatencyHistogram, _upper_us, bucket_of
 from liverestore.repository import Repository, RestorePoint
 from tests.conftest import AgentFactory
 from tests.helpers import MiB
@@ -29,6 +29,18 @@ def test_percentiles_are_exact_to_a_sixteenth_at_every_scale() -> None:
             got = h.percentile(q)
             assert true_ms <= got <= max(true_ms * (1 + 1 / 16) + 1e-6, 0.001), (scale, q, true_ms, got)
         assert h.percentile(1.0) >= values[-1] * 1000
+
+
+def test_every_latency_lands_in_the_bucket_whose_edges_hold_it() -> None:
+    """``bucket_of`` finds the sixteenth in integers (every cached read is counted): each value,
+    at the edges and between them, from 1 us to two minutes, falls within its bucket's edges."""
+    rnd = random.Random(5)
+    edges = [2**e * (1 + k / 16) for e in range(27) for k in range(16)]
+    for us in edges + [e * 1.0001 for e in edges] + [10 ** rnd.uniform(0, 8.1) for _ in range(50_000)]:
+        b = bucket_of(us / 1e6)
+        assert _upper_us(b - 1) * (1 - 1e-9) <= us < _upper_us(b) * (1 + 1e-9), (us, b)
+    assert bucket_of(0.0) == bucket_of(0.5e-6) == 0
+    assert bucket_of(1000.0) == bucket_of(500.0)  # past 2**27 us, all in the last bucket
 
 
 def test_guest_and_bulk_reads_are_counted_apart_and_exposed_to_prometheus(

@@ -79,7 +79,8 @@ class DiskExport:
 
     # -- block bookkeeping ---------------------------------------------------------------------
     def present(self, idx: int) -> bool:
-        return not self.manifest.is_allocated(idx) or self.read_cache.has(idx)
+        """In the cache, or a hole (reads as zeros); the cache first: most blocks read are in it."""
+        return self.read_cache.has(idx) or not self.manifest.is_allocated(idx)
 
     def has_data(self, start: int, end: int) -> bool:
         """Whether an allocated block lies in bytes [start, end): one search of the manifest's
@@ -209,8 +210,11 @@ class DiskExport:
             return None
         if self.cow is not None or self.read_observers:
             return None
-        blocks = self.blocks_of(offset, length)
-        if not all(self.present(i) for i in blocks):
+        first, last = offset // self.block_size, (offset + length - 1) // self.block_size
+        if first == last:  # most small reads: one block, checked without a generator
+            if not self.present(first):
+                return None
+        elif not all(self.present(i) for i in range(first, last + 1)):
             return None
         t0 = time.monotonic()
         data = self.read_cache.pread(length, offset)

@@ -24,9 +24,11 @@ def bucket_of(seconds: float) -> int:
     us = seconds * 1e6
     if us < 1:
         return 0
-    exp = min(int(us).bit_length() - 1, MAX_EXPONENT)  # floor(log2(us)), without a float log
-    sub = min(int((us / 2**exp - 1) * SUB_BUCKETS), SUB_BUCKETS - 1)
-    return 1 + exp * SUB_BUCKETS + sub
+    exp = int(us).bit_length() - 1  # floor(log2(us)), without a float log
+    if exp >= MAX_EXPONENT:
+        return 1 + MAX_EXPONENT * SUB_BUCKETS + min(int((us / 2**MAX_EXPONENT - 1) * SUB_BUCKETS), SUB_BUCKETS - 1)
+    # us / 2**exp is in [1, 2): its sixteenths past 1, in integers (every cached read passes here)
+    return 1 + exp * SUB_BUCKETS + (int(us * SUB_BUCKETS) >> exp) - SUB_BUCKETS
 
 
 def _upper_us(index: int) -> float:

@@ -113,6 +113,16 @@ def structured_header(flags: int, reply_type: int, handle: int, length: int) -> 
     return struct.pack(">IHHQI", STRUCTURED_REPLY_MAGIC, flags, reply_type, handle, length)
 
 
+_OFFSET_DATA_HEAD = struct.Struct(">IHHQIQ")
+
+
+def offset_data_head(handle: int, offset: int, length: int) -> bytes:
+    """The header of a final NBD_REPLY_TYPE_OFFSET_DATA chunk of ``length`` data bytes, with the
+    offset that starts its payload: one pack, and the data left to go after it unjoined."""
+    return _OFFSET_DATA_HEAD.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, handle, 8 + length,
+                                  offset)  # fmt: skip
+
+
 def structured_error(handle: int, error: int, message: str) -> bytes:
     msg = message.encode()[:4096]
     payload = struct.pack(">IH", error, len(msg)) + msg
