@@ -179,7 +179,7 @@ class DiskExport:
         missing = [i for i in blocks if not self.present(i) and not (cow and cow.has(i))]
         try:
             if missing:
-                await asyncio.gather(*(self._submit(i, FetchClass.DEMAND) for i in missing))
+                await _all([self._submit(i, FetchClass.DEMAND) for i in missing])
         except ExportError:
             self.metrics.read_errors += 1
             raise
@@ -354,6 +354,20 @@ def _add_extent(extents: list[tuple[int, int]], n: int, flags: int) -> None:
         extents[-1] = (extents[-1][0] + n, flags)
     elif n > 0:
         extents.append((n, flags))
+
+
+async def _all(futures: list[asyncio.Future[None]]) -> None:
+    """Wait for every one of ``futures``, raising the first failure in their order. A read's
+    blocks mostly land together, so this wakes once or twice per read, where ``gather`` ran a
+    callback for every block (16 for a 1 MiB read at 64 KiB). The failures not raised are
+    retrieved, so none is reported as never retrieved."""
+    for n, fut in enumerate(futures):
+        try:
+            await fut
+        except BaseException:
+            for rest in futures[n + 1 :]:
+                rest.add_done_callback(_swallow)
+            raise
 
 
 def _swallow(fut: asyncio.Future[None]) -> None:

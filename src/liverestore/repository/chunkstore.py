@@ -29,6 +29,7 @@ from array import array
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import blake3
 import zstandard
@@ -58,18 +59,19 @@ def _check_id(cid: str) -> str:
     return cid
 
 
-@dataclass(frozen=True)
-class Location:
-    """Where one chunk's stored bytes are: ``pack`` is None for a loose chunk object."""
+class Location(NamedTuple):
+    """Where one chunk's stored bytes are: ``pack`` is None for a loose chunk object. A named
+    tuple, not a frozen dataclass: the agent makes one per block fetched, and a frozen
+    dataclass takes 1.1 us to build against 0.44."""
 
     pack: str | None
     offset: int
     length: int
 
 
-@dataclass(frozen=True)
-class Want:
-    """One chunk a reader needs: its id and uncompressed size, and where it is stored."""
+class Want(NamedTuple):
+    """One chunk a reader needs: its id and uncompressed size, and where it is stored (one per
+    block fetched, as ``Location``)."""
 
     cid: str
     size: int
