@@ -360,7 +360,7 @@ class FetchScheduler:
         # a relocation at 64 KiB behind it took 1.21-1.33x the link time instead of 1.18-1.22x.
         # Guest reads are never held back: they take any free slot at once.
         free = self.slots - sum(self._running.values())
-        if free <= 0:  # nothing can start (a cold read submits 16 blocks a read into full slots)
+        if free <= 0:  # nothing can start: every submit pumps, and a cold read submits a block at a time
             return
         background_ok = free >= max(2, int(self.slots * self.background_batch))
         # Set 3 in ``fair`` mode too: it runs ahead of the mirror, so it can wait for a batch,
