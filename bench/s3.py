@@ -10,6 +10,7 @@ storage"): relocation >= 0.8x of that download.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
 import statistics
@@ -76,10 +77,7 @@ def _data_disk(path: Path, size: int) -> None:
 
 def _cold_copy(kind: str, disk: Path, location: str, work: Path, tag: str, agent_args: Sequence[str] = ()) -> float:
     """Seconds for nbdcopy to read the whole export (the agent's from a cold cache), as QEMU's
-    mirror does: 1 MiB requests, 16 in flight. Everything written before is flushed first: the
-    copy that came right after a 2 GiB backup shared the disk with that backup's write-back
-    (7.33 s where the same copy a minute later took 6.04 s)."""
-    os.sync()
+    mirror does: 1 MiB requests, 16 in flight."""
     tmp = work / f"serve-{tag}"
     tmp.mkdir()
     try:
@@ -118,6 +116,15 @@ def _classic_copy(location: str, work: Path) -> float:
         return secs
     finally:
         repo.close()
+
+
+def _flushed_first(copy: Callable[[str], float], tag: str) -> float:
+    """``copy(tag)`` once everything written before is on disk: a copy that came right after a
+    2 GiB backup shared the disk with its write-back (7.33 s where the same copy a minute later
+    took 6.04 s), and each copy here follows one that wrote (a backup, a cache, a convert's or a
+    classic restore's new file)."""
+    os.sync()
+    return copy(tag)
 
 
 ROUNDS = 3  # every copy that is part of a target's ratio, round by round: the median of each
@@ -160,13 +167,14 @@ def _agent_vs_download(s3: SeaweedFS, work: Path, bs: int, size: int) -> dict[st
     runs: dict[str, list[float]] = {key: [] for key in copies}
     for n in range(ROUNDS):
         for key, copy in copies.items():
-            runs[key].append(copy(f"{bs}-{n}"))
+            runs[key].append(_flushed_first(copy, f"{bs}-{n}"))
     for key, secs in runs.items():
         out[key] = round(statistics.median(secs), 2)
         out[key.removesuffix("_s") + "_runs"] = [round(x, 2) for x in secs]
     for where, location in locations.items():
         out[f"{where}_mb_s"] = round(stored[where] / 1e6 / out[f"{where}_copy_s"], 1)
-        plain = _cold_copy("liverestore", disk, location, work, f"{where}-{bs}-nora", ["--readahead-mib", "0"])
+        no_readahead = functools.partial(_cold_copy, "liverestore", disk, location, work, agent_args=["--readahead-mib", "0"])
+        plain = _flushed_first(no_readahead, f"{where}-{bs}-nora")
         out[f"{where}_copy_no_readahead_s"] = round(plain, 2)
         out[f"{where}_readahead_gain"] = round(plain / out[f"{where}_copy_s"], 2)
     out["classic_over_convert"] = round(out["qemu_img_convert_s"] / out["classic_restore_s"], 2)
@@ -238,7 +246,8 @@ def run(quick: bool) -> dict[str, Any]:
         "'Performance at real sizes') against `nbdkit file` serving the raw disk to the same nbdcopy and a "
         "local `qemu-img convert` of it to a file; and a classic restore's copy of it from the local directory "
         "(every block fetched, checked, written to a new raw file, fsync'd) against that convert. Each copy ran "
-        f"{ROUNDS} times, in turn with the others, and each column is its median (the runs are in the JSON). Ratios are "
+        f"{ROUNDS} times, in turn with the others and each after `sync`, and each column is its median (the runs are in "
+        "the JSON). Ratios are "
         "speed ratios (time of the peer / time of the agent). MB/s of stored (compressed) bytes. Targets: agent on "
         "S3 >= 0.8x the download; agent >= 0.8x nbdkit; classic restore >= 0.8x convert.\n\n" + "\n".join(copy_table) + "\n\n"
         "**Instant restore of the test VM.** The test VM (2 GiB disk: 90 MB read at boot, 250 MB cold) backed up "
