@@ -18,6 +18,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--fuzz-seed", type=int, default=20261125, help="seed of the NBD fuzz campaign")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_dir_of_this_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Catalogs of remote and encrypted repositories, run state and caches go to a data dir of
+    this run, never the user's: state kept in a home between two runs must not decide a test."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data")))
+        yield
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Iterator[Repository]:
     r = Repository.init(tmp_path / "repo")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +139,42 @@ def test_a_qcow2_name_on_raw_bytes_is_refused_unless_declared(tmp_path: Path) ->
     subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(fake), str(real)], check=True)
     r = lr("backup", "--repo", str(repo), "--vm", "web02", "--format", "raw", str(real))
     assert r.returncode == 1 and "is declared raw but holds qcow2 data" in r.stderr
+
+
+def _remade(location: Path, *, strip_id: bool) -> Repository:
+    """An encrypted repository made at ``location``, as one from before ids when ``strip_id``."""
+    Repository.init(location, passphrase="pw").close()
+    if strip_id:
+        cfg_path = location / "repository.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("id", None)
+        cfg_path.write_text(json.dumps(cfg))
+    return Repository(location, passphrase="pw")
+
+
+@pytest.mark.parametrize("strip_id", [False, True], ids=["with-id", "before-ids"])
+def test_a_repository_made_again_where_one_was_inherits_nothing_from_its_catalog(
+    tmp_path: Path, disk: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch, strip_id: bool
+) -> None:
+    """An encrypted repository's catalog lives in the data dir, which outlives the repository. A
+    repository deleted and made again at the same location (here on a fresh /tmp under a kept
+    home, as a CI machine does) once found the old points in that catalog and wrote them out into
+    the new repository as its own: its first backup then failed on a manifest that was never
+    there. With an id, the new repository has a catalog of its own; from before ids (same
+    catalog), the stale points are dropped, never written out."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    location = tmp_path / "repo"
+    old = _remade(location, strip_id=strip_id)
+    run_backup(old, "vm1", [disk[0]], [])
+    old.put_profile("vm1", {"blocks": [1, 2, 3]})
+    old.close()
+    shutil.rmtree(location)
+
+    new = _remade(location, strip_id=strip_id)
+    try:
+        assert new.points("vm1") == [] and list(new.backend.list("points")) == []
+        assert new.get_profile("vm1") is None
+        point, _ = run_backup(new, "vm1", [disk[0]], [])
+        assert [p.id for p in new.points("vm1")] == [point.id] == list(new.backend.list("points"))
+    finally:
+        new.close()

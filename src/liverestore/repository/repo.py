@@ -13,6 +13,7 @@ import getpass
 import hashlib
 import json
 import os
+import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -75,13 +76,17 @@ class RestorePoint:
         return self.record.vm
 
 
-def _catalog_path(backend: Backend, encrypted: bool = False) -> Path:
+def _catalog_path(backend: Backend, encrypted: bool = False, repo_id: str = "") -> Path:
     """Local repositories keep their catalog beside the data; remote and encrypted ones (whose
-    catalog would list VM names in the clear) in the user's data dir."""
+    catalog would list VM names in the clear) in the user's data dir, under the location and the
+    repository's own id. The id matters: the data dir outlives the repository, and a repository
+    made again at the same location (a bucket emptied, a directory deleted) must not inherit the
+    old one's points and profiles. Repositories from before ids are keyed by location alone."""
     if isinstance(backend, LocalBackend) and not encrypted:
         return backend.root / "catalog.sqlite"
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    digest = hashlib.sha256(backend.location.encode()).hexdigest()[:16]
+    key = backend.location + (f"\0{repo_id}" if repo_id else "")
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = Path(base) / "liverestore" / "catalogs" / digest / "catalog.sqlite"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
@@ -124,7 +129,10 @@ class Repository:
                 raise RepositoryError(f"{location} is encrypted but its key.json is missing") from None
             self.key = MasterKey.unwrap(key_doc, passphrase or passphrase_for(self.location), self.location)
         self.chunks = ChunkStore(self.backend, self.key)
-        self.catalog = Catalog(_catalog_path(self.backend, self.key is not None))
+        self.repo_id = str(cfg.get("id", ""))  # empty for a repository made before ids
+        # the catalog beside the data: the only place a repository from before point objects kept them
+        self._legacy_catalog = isinstance(self.backend, LocalBackend) and self.key is None
+        self.catalog = Catalog(_catalog_path(self.backend, self.key is not None, self.repo_id))
         self.sync_catalog()
 
     @property
@@ -159,7 +167,8 @@ class Repository:
                 backend.create_layout()
             except OSError as e:
                 raise RepositoryError(f"cannot create repository at {root}: {e.strerror}") from None
-        doc: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "block_size": block_size}
+        doc: dict[str, Any] = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "block_size": block_size,
+                               "id": secrets.token_hex(16)}  # fmt: skip
         if passphrase is not None:
             if not passphrase:
                 raise RepositoryError("an empty passphrase protects nothing")
@@ -206,11 +215,13 @@ class Repository:
         self.catalog.close()
 
     def sync_catalog(self) -> None:
-        """Bring the local catalog in line with the point objects in the backend. A repository
-        made before points were objects has them only in its catalog: they are written out once."""
+        """Bring the local catalog in line with the point objects in the backend: the backend is
+        the truth, the catalog a cache. A repository made before points were objects has them
+        only in its catalog, beside its data (it was local and plain then): they are written out
+        once. A catalog in the data dir is never written out: it may be a stale cache."""
         stored = set(self.backend.list("points"))
         cached = {p.id: p for p in self.catalog.points()}
-        if not stored and cached:
+        if not stored and cached and self._legacy_catalog:
             for rec in cached.values():
                 self.backend.create_if_absent(Handle("points", rec.id), self.seal_object(_point_doc(rec), f"restore point {rec.id}"))
             return
@@ -287,7 +298,8 @@ class Repository:
         try:
             return self.load_profile_object(self._profile_handle(vm).name)
         except ObjectMissing:
-            return self.catalog.get_profile(vm)  # a repository from before profiles were objects
+            # a repository from before profiles were objects kept them in its catalog beside the data
+            return self.catalog.get_profile(vm) if self._legacy_catalog else None
         except (ValueError, IntegrityError):
             return None  # a damaged profile is only a slower boot: start learning again
 
