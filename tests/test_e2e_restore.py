@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from liverestore import restore as restore_module
 from liverestore.restore import InstantRestore, RestoreOptions, RestoreReport, state_path
+from liverestore.writeback import start_writeback
 from tests.helpers import MiB
 from tests.vmfixtures import VmBackup, backup_digest, boot_local, extract
 
@@ -22,9 +24,16 @@ CHUNK = 64 * 1024
 
 
 def test_instant_restore_relocate_pivot_and_keep_running(
-    vm_backup: VmBackup, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    vm_backup: VmBackup, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.INFO)
+    asked: list[tuple[list[Path], int]] = []  # each poll's destinations, and how many were there
+
+    def writeback(paths: list[Path]) -> int:
+        asked.append((list(paths), start_writeback(paths)))
+        return asked[-1][1]
+
+    monkeypatch.setattr(restore_module, "start_writeback", writeback)
     repo = vm_backup.open_repo()
     point = repo.get_point("testvm")
     before = backup_digest(repo, point)
@@ -56,6 +65,11 @@ def test_instant_restore_relocate_pivot_and_keep_running(
     assert "BOOT-OK" in serial and "VERIFY-FAIL" not in serial and "HEARTBEAT" in serial
     assert report.relocated and set(report.destinations) == {"testvm", "data"}
     assert report.relocation_prefetched > 0, report.fetched_by_class
+
+    # while the copies ran, both staging files were asked to start their write-back
+    assert asked and all(sorted(p.name for p in paths) == ["testvm-data.raw.partial", "testvm-testvm.raw.partial"]
+                         and all(p.parent == dest for p in paths) for paths, _ in asked), asked[:2]
+    assert any(n == 2 for _, n in asked), asked
 
     # nothing partial left; the state file says complete
     assert not list(dest.glob("*.partial"))

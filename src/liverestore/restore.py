@@ -50,6 +50,7 @@ from liverestore.hypervisor.vmspec import (
     retarget,
 )
 from liverestore.repository import DiskManifest, Repository, RestorePoint
+from liverestore.writeback import start_writeback
 
 log = logging.getLogger("liverestore.restore")
 
@@ -568,8 +569,10 @@ class InstantRestore:
                  self.name)  # fmt: skip
         for e in self.served.exports.values() if self.opts.relocation_prefetch else ():
             self._tasks.append(asyncio.create_task(RelocationPrefetcher(e).run()))
+        targets = self.vm.relocation_targets()
         while True:
             jobs = await self.vm.relocation_progress()
+            await asyncio.to_thread(start_writeback, targets)  # the flush before "ready" then finds little
             total = sum(j.length for j in jobs)
             self._relocation_fraction = sum(j.offset for j in jobs) / total if total else 1.0
             if all(j.ready for j in jobs):

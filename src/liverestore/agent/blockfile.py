@@ -17,16 +17,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from liverestore.agent.bitmap import Bitmap
-from liverestore.agent.libc import libc_function
 from liverestore.errors import LiverestoreError
+from liverestore.libc import (
+    SYNC_FILE_RANGE_WAIT_AFTER,
+    SYNC_FILE_RANGE_WAIT_BEFORE,
+    SYNC_FILE_RANGE_WRITE,
+    sync_file_range,
+)
 from liverestore.repository.backend import write_atomically
 
 log = logging.getLogger("liverestore.cache")
 
 _MAGIC = b"LRBITMAP"
-_WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4  # sync_file_range(2) flags
-_sync_file_range = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint],
-                                  ctypes.c_int)  # fmt: skip
 _HEADER = struct.Struct(">8s64sQQ")  # magic, identity (manifest id), block count, block size
 
 
@@ -106,13 +108,14 @@ class BlockFile:
         """Write these (offset, length) spans back and let the page cache drop them (see
         dropbehind.py). Only written-back pages are dropped, so no data is lost; durability is
         still ``persist``'s job (write-back is not a flush of the disk's cache)."""
-        if _sync_file_range is None:
+        if sync_file_range is None:
             return
         with self._persist_lock:  # not while ``close`` gives the descriptor back
             if self.fd < 0:
                 return
             for offset, length in spans:
-                if _sync_file_range(self.fd, offset, length, _WAIT_BEFORE | _WRITE | _WAIT_AFTER) != 0:
+                flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+                if sync_file_range(self.fd, offset, length, flags) != 0:
                     err = ctypes.get_errno()
                     raise OSError(err, os.strerror(err))
                 os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)

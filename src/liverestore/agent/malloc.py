@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import logging
 
-from liverestore.agent.libc import libc_function
+from liverestore.libc import libc_function
 
 log = logging.getLogger("liverestore.malloc")
 

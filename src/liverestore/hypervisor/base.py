@@ -94,6 +94,11 @@ class Hypervisor(Protocol):
 
     async def relocation_progress(self, raise_on_failure: bool = True) -> list[JobProgress]: ...
 
+    def relocation_targets(self) -> list[Path]:
+        """The files the running copies write (after ``start_relocation``): the orchestrator
+        starts their write-back while the copies run (see writeback.py)."""
+        ...
+
     async def pivot(self) -> None:
         """Switch every disk to its destination, drop the NBD-backed nodes and the overlays, and
         leave the VM defined (where the hypervisor keeps definitions) on its new disks."""

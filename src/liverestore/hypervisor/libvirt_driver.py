@@ -328,6 +328,9 @@ class LibvirtVM:
         """The disks served by the agent (through overlays): what block copy relocates."""
         return [d for d in self.disks if d.local_path is None]
 
+    def relocation_targets(self) -> list[Path]:
+        return [self.destinations[d.name] for d in self._from_backup() if d.name in self.destinations]
+
     async def relocation_progress(self, raise_on_failure: bool = True) -> list[JobProgress]:
         out = []
         for d in self._from_backup():

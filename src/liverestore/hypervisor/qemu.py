@@ -321,6 +321,9 @@ class QemuVM:
                 "sync": "full", "auto-finalize": True, "auto-dismiss": False,
             })  # fmt: skip
 
+    def relocation_targets(self) -> list[Path]:
+        return [self._staging(d.name) for d in self._from_backup() if d.name in self.destinations]
+
     async def relocation_progress(self, raise_on_failure: bool = True) -> list[JobProgress]:
         jobs = await self.execute("query-block-jobs")
         by_id = {j["device"]: j for j in jobs}

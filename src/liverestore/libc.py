@@ -20,3 +20,8 @@ def libc_function(name: str, argtypes: list[Any], restype: Any) -> Any | None:
         return None
     fn.argtypes, fn.restype = argtypes, restype
     return fn
+
+
+SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4  # sync_file_range(2) flags
+sync_file_range = libc_function("sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint],
+                                ctypes.c_int)  # fmt: skip
