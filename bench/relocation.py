@@ -16,6 +16,7 @@ from liverestore.restore import InstantRestore, RestoreOptions, RestoreReport, S
 from liverestore.testvm import build_test_vm
 
 LINK_MBPS = 1000.0  # the emulated link of the link-bound setting (issue: relocation <= 1.25x bytes / link)
+LINK_ROUNDS = 5  # link-bound runs per block size (one with --quick); the row is the median one
 
 
 async def _instant(
@@ -64,16 +65,23 @@ def run(quick: bool) -> dict[str, Any]:
                 print(f"relocation {kib} / {label}: {results[f'{kib} / {label}']}", flush=True)
             # link-bound: the same restore behind a 1 Gbit/s link; what crossed it during the
             # relocate phase, over the link's rate, is the least that phase can take
-            start: dict[str, int] = {}
-            r = asyncio.run(_instant(repo, tmp, f"{bs}-link", True, latency, mbps=LINK_MBPS, at_relocation=start))
-            moved = r.bytes_fetched_stored - start["stored"]
-            link_s = moved / (LINK_MBPS * 1e6 / 8)
+            # (single runs swing from 1.16x to 1.38x here: the row is the run of median ratio)
+            runs = []
+            for n in range(1 if quick else LINK_ROUNDS):
+                start: dict[str, int] = {}
+                r = asyncio.run(_instant(repo, tmp, f"{bs}-link-{n}", True, latency, mbps=LINK_MBPS, at_relocation=start))
+                moved = r.bytes_fetched_stored - start["stored"]
+                link_s = moved / (LINK_MBPS * 1e6 / 8)
+                runs.append((r.phases.get("relocate", 0) / max(link_s, 1e-6), r, moved, link_s))
+                print(f"relocation {kib} behind the link, run {n + 1}: {runs[-1][0]:.2f}x the link time", flush=True)
+            _, r, moved, link_s = sorted(runs, key=lambda x: x[0])[len(runs) // 2]
             link_row = f"{kib} / with set 3, {LINK_MBPS:g} Mbit/s link"
             results[link_row] = {
                 "launch_to_pivot_s": round(sum(r.phases.get(p, 0) for p in ("launch", "run", "relocate", "pivot")), 3),
                 "relocate_s": r.phases.get("relocate", 0), "blocks_fetched": r.blocks_fetched,
                 "bytes_fetched": r.bytes_fetched, "fetched_by_class": r.fetched_by_class,
                 "stored_bytes_during_relocate": moved, "link_time_s": round(link_s, 3),
+                "ratio_runs": [round(x[0], 3) for x in runs],
             }  # fmt: skip
             print(f"relocation {link_row}: {results[link_row]}", flush=True)
 
@@ -103,7 +111,8 @@ def run(quick: bool) -> dict[str, Any]:
             "QEMU's mirror keeps 16 x 1 MiB reads in flight: with 1 MiB blocks that is 16 fetches, and set 3 "
             "fills the other slots ahead of it; with 64 KiB blocks the mirror alone already keeps every slot "
             f"busy. The {LINK_MBPS:g} Mbit/s rows add a shared emulated link; their ratio is the relocate phase over "
-            "the time the bytes fetched during it need on that link (target <= 1.25). "
+            f"the time the bytes fetched during it need on that link (target <= 1.25), the median of "
+            f"{1 if quick else LINK_ROUNDS} runs (all in the JSON). "
             f"Ratios: {ratios}. For 'classic' the relocate column is the full copy before boot."
         )
         write_results("relocation", {"rows": results, "ratios": ratios}, rows,
