@@ -570,9 +570,13 @@ class InstantRestore:
         for e in self.served.exports.values() if self.opts.relocation_prefetch else ():
             self._tasks.append(asyncio.create_task(RelocationPrefetcher(e).run()))
         targets = self.vm.relocation_targets()
+        writeback: asyncio.Future[int] | None = None
         while True:
             jobs = await self.vm.relocation_progress()
-            await asyncio.to_thread(start_writeback, targets)  # the flush before "ready" then finds little
+            # the flush before "ready" then finds little; never waited for: on a slow destination
+            # it may block while the device's queue is full, and a poll must not
+            if writeback is None or writeback.done():
+                writeback = asyncio.ensure_future(asyncio.to_thread(start_writeback, targets))
             total = sum(j.length for j in jobs)
             self._relocation_fraction = sum(j.offset for j in jobs) / total if total else 1.0
             if all(j.ready for j in jobs):

@@ -4,11 +4,13 @@ QEMU's mirror writes the destination through the host's page cache and flushes i
 before it reports the copy ready (``mirror_flush`` in block/mirror.c). On a host with memory to
 spare the kernel writes nothing back before that (it starts at 10% of memory dirty: 2.4 GiB on 24
 GiB), so the whole relocated disk went to disk only then, with the link idle: relocating 1 GiB at
-64 KiB blocks behind a 1 Gbit/s, 50 ms link, 0.92-1.15 s passed between the last byte over the
-link and "ready", 0.6 s of it from the last byte copied. Asking the kernel at every progress poll
-to start writing what is dirty (``sync_file_range`` with WRITE alone: start, never wait) overlaps
-the disk with the link, and the final flush finds little left: 0.50-0.56 s, and over 6 pairs of
-runs the relocate phase took 1.24x the link time (median) instead of 1.34x.
+64 KiB blocks behind a 1 Gbit/s, 50 ms link, 0.86-1.18 s passed between the last byte over the
+link and "ready", about 0.6 s of it after the mirror had copied its last byte. Asking the kernel
+at every progress poll to start writing what is dirty (``sync_file_range`` with WRITE alone:
+start, never wait) overlaps the disk with the link, and the final flush finds little left:
+0.43-0.60 s, and over 5 pairs of runs side by side the relocate phase took 1.24x the link time
+(median) instead of 1.30x. On a host with far more memory (10% of 512 GiB is 51 GiB) the flush
+left to the end would take minutes.
 
 Only a hint: nothing waits for it and it never fails a restore. A file that is not there yet
 (libvirt creates its copy's destination as the job starts) is skipped; each poll opens and closes
