@@ -251,3 +251,36 @@ def test_full_cache_disk_flush_is_enospc_and_saves_resume_afterwards(
     assert any("cannot save the read-cache bitmap" in m for m in messages)
     assert any("bitmap saved again" in m for m in messages)
     shutil.rmtree(small_fs / "cache", ignore_errors=True)
+
+
+def test_serve_memory_does_not_grow_with_the_reads_it_answers(
+    disk_point: tuple[Repository, RestorePoint, bytes], tmp_path: Path
+) -> None:
+    """A real ``serve`` answers 131,072 cached 4 KiB reads (nbdcopy, eight passes over the disk).
+    Its memory must not follow the number of reads: a restore keeps the reads it answers to
+    learn the boot profile (up to 100,000 of them, about 15 MiB), a plain ``serve`` has nobody to
+    read them back and keeps none (it grew 14.8 MiB here when it kept them). ``--access-log``
+    still gets every read."""
+    repo, _point, _content = disk_point
+    log_path = tmp_path / "access.log"
+    proc = subprocess.Popen([sys.executable, "-m", "liverestore", "serve", "--repo", str(repo.root), "--vm", "vm1",
+                             "--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path / "c"),
+                             "--access-log", str(log_path)], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        uri = "nbd://127.0.0.1:" + line.split("nbd://127.0.0.1:")[1].split("/")[0] + "/vm1/disk0"
+        copy = ["nbdcopy", "--no-extents", "--connections=1", "--requests=16", uri, "null:"]  # every block, holes too
+        subprocess.run([*copy, "--request-size=1048576"], check=True, timeout=120)  # the cache is full
+        subprocess.run([*copy, "--request-size=4096"], check=True, timeout=120)  # the allocator's steady state
+        before = _proc_status(proc.pid, "VmRSS")
+        for _ in range(8):
+            subprocess.run([*copy, "--request-size=4096"], check=True, timeout=120)
+        grew = _proc_status(proc.pid, "VmRSS") - before
+        print(f"serve RSS grew {grew:.1f} MiB over 131,072 cached 4 KiB reads")
+        assert grew < 6, f"serve grew {grew:.1f} MiB answering reads from its cache"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    logged = log_path.read_text().splitlines()
+    assert len(logged) == 64 + 16384 * 9, len(logged)  # every read, the 1 MiB ones first

@@ -289,6 +289,7 @@ def serve(
         access_log=access_log,
         tls=tls,
         readahead_bytes=None if readahead_mib is None else readahead_mib * 1024 * 1024,
+        keep_reads=False,  # no restore here learns a boot profile from them
     )
 
     async def main() -> None:

@@ -48,6 +48,7 @@ class AgentConfig:
     repo_retry_s: float = 120.0  # how long a read waits for an unavailable repository
     tls: TlsPolicy | None = None  # x509 on the NBD port (STARTTLS); None: plaintext
     readahead_bytes: int | None = None  # ahead of a sequential reader (readahead.py); 0: off; None: see below
+    keep_reads: bool = True  # the answered reads in memory, for a restore's boot profile (recorder.py)
 
 
 CACHE_LOCK_NAME = ".lock"
@@ -134,7 +135,7 @@ class MediaAgent:
             raise LiverestoreError(f"restore point {twice[0]} is given twice")
         self.repo = repo
         self.config = config
-        self.recorder = AccessRecorder(config.access_log)
+        self.recorder = AccessRecorder(config.access_log, keep=config.keep_reads)
         limit_arenas()  # before the fetch threads exist (see malloc.py)
         self.fetcher = RepositorySource(repo)
         link = emulate_link(self.fetcher, config.repo_latency_ms, config.repo_mbps)

@@ -201,7 +201,8 @@ class DiskExport:
             self._release_read(blocks, offset, offset + length)
         now = time.monotonic()
         self.metrics.record_read(length, not missing, now - t0, now)
-        self.recorder.record(self.name, offset, length, not missing, now - t0, now)
+        if self.recorder.active:
+            self.recorder.record(self.name, offset, length, not missing, now - t0, now)
         return data
 
     def read_now(self, offset: int, length: int) -> bytes | None:
@@ -220,7 +221,8 @@ class DiskExport:
         data = self.read_cache.pread(length, offset)
         now = time.monotonic()
         self.metrics.record_read(length, True, now - t0, now)
-        self.recorder.record(self.name, offset, length, True, 0.0, now)
+        if self.recorder.active:
+            self.recorder.record(self.name, offset, length, True, 0.0, now)
         return data
 
     async def write(self, offset: int, data: bytes) -> None:

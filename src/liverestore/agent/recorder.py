@@ -28,18 +28,27 @@ class AccessEvent:
 
 
 class AccessRecorder:
-    def __init__(self, log_path: Path | None = None) -> None:
+    """The reads an agent answered, for whoever builds on them: a restore learns its VM's boot
+    profile and boot I/O stall from them, ``--access-log`` writes them out. ``keep`` False (a
+    plain ``serve``, where nothing reads them back) keeps none in memory. Kept, the newest
+    100,000 took about 15 MiB there for nothing: a ``serve`` grew by 14.8 MiB over 131,072 cached
+    4 KiB reads, where it now stays flat."""
+
+    def __init__(self, log_path: Path | None = None, keep: bool = True) -> None:
         self.events: deque[AccessEvent] = deque(maxlen=MAX_EVENTS)
         self.dropped = 0
         self._file: TextIO | None = open(log_path, "a", buffering=1 << 16) if log_path else None  # noqa: SIM115
+        self.keep = keep
+        self.active = keep or self._file is not None  # False: ``record`` does nothing (callers may skip it)
 
     def record(self, export: str, offset: int, length: int, hit: bool, seconds: float = 0.0,
                now: float | None = None) -> None:  # fmt: skip
         """``now``: when the read was answered (``time.monotonic()``), if the caller has it."""
-        ev = AccessEvent(time.monotonic() if now is None else now, export, offset, length, hit, seconds)
-        if len(self.events) == MAX_EVENTS:
-            self.dropped += 1  # the oldest read falls out of the ring
-        self.events.append(ev)
+        if self.keep:
+            ev = AccessEvent(time.monotonic() if now is None else now, export, offset, length, hit, seconds)
+            if len(self.events) == MAX_EVENTS:
+                self.dropped += 1  # the oldest read falls out of the ring
+            self.events.append(ev)
         if self._file:
             self._file.write(
                 json.dumps(
