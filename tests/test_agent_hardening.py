@@ -124,19 +124,30 @@ def _proc_status(pid: int, key: str) -> float:
     raise AssertionError(f"no {key}")
 
 
+def _serve(repo: Repository, cache_dir: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
+    """A real ``serve`` of vm1 on a free loopback port, and that port (from the first line it
+    logs); stopped here when it never says where it serves."""
+    proc = subprocess.Popen([sys.executable, "-m", "liverestore", "serve", "--repo", str(repo.root), "--vm", "vm1",
+                             "--listen", "127.0.0.1:0", "--cache-dir", str(cache_dir), *args],
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        return proc, int(line.split("nbd://127.0.0.1:")[1].split("/")[0])
+    except BaseException:
+        proc.terminate()
+        proc.wait(30)
+        raise
+
+
 def test_pipelined_big_reads_with_unread_replies_stay_bounded(
     disk_point: tuple[Repository, RestorePoint, bytes], tmp_path: Path
 ) -> None:
     """A real ``serve --writable`` process; three connections each pipeline 100 reads of 32 MiB
     over copy-on-write blocks (answered from memory) and never read a reply."""
     repo, _point, content = disk_point
-    proc = subprocess.Popen([sys.executable, "-m", "liverestore", "serve", "--repo", str(repo.root), "--vm", "vm1",
-                             "--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path / "c"), "--writable"],
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc, port = _serve(repo, tmp_path / "c", "--writable")
     try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        port = int(line.split("nbd://127.0.0.1:")[1].split("/")[0])
         writer = _handshaken(port)
         block = os.urandom(4 * MiB)
         for off in range(0, 32 * MiB, len(block)):
@@ -263,13 +274,9 @@ def test_serve_memory_does_not_grow_with_the_reads_it_answers(
     still gets every read."""
     repo, _point, _content = disk_point
     log_path = tmp_path / "access.log"
-    proc = subprocess.Popen([sys.executable, "-m", "liverestore", "serve", "--repo", str(repo.root), "--vm", "vm1",
-                             "--listen", "127.0.0.1:0", "--cache-dir", str(tmp_path / "c"),
-                             "--access-log", str(log_path)], stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc, port = _serve(repo, tmp_path / "c", "--access-log", str(log_path))
     try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        uri = "nbd://127.0.0.1:" + line.split("nbd://127.0.0.1:")[1].split("/")[0] + "/vm1/disk0"
+        uri = f"nbd://127.0.0.1:{port}/vm1/disk0"
         copy = ["nbdcopy", "--no-extents", "--connections=1", "--requests=16", uri, "null:"]  # every block, holes too
         subprocess.run([*copy, "--request-size=1048576"], check=True, timeout=120)  # the cache is full
         subprocess.run([*copy, "--request-size=4096"], check=True, timeout=120)  # the allocator's steady state
