@@ -9,14 +9,17 @@ retrying), or anything else (``RepositoryError``: permanent).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from liverestore.errors import RepositoryError, RepositoryUnavailable
+from liverestore.repository.mapped import file_range
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig, S3Store
@@ -66,6 +69,12 @@ class Backend(Protocol):
         ...
 
     def load(self, h: Handle, offset: int = 0, length: int | None = None) -> bytes: ...
+
+    def load_view(self, h: Handle, offset: int, length: int) -> AbstractContextManager[bytes | memoryview]:
+        """``load(h, offset, length)`` for a reader that is done with the bytes when the context
+        closes (a pack's chunks, each decompressed into its own buffer): the backend may lend its
+        own memory (the mapped file, the response body) rather than copy it."""
+        ...
 
     def stat(self, h: Handle) -> int | None:
         """The object's size, or None when it does not exist."""
@@ -128,6 +137,21 @@ class LocalBackend:
                 return f.read() if length is None else f.read(length)
         except OSError as e:
             raise self._error(h, e) from None
+
+    @contextlib.contextmanager
+    def load_view(self, h: Handle, offset: int, length: int) -> Iterator[bytes | memoryview]:
+        """The range mapped rather than copied (see ``mapped``)."""
+        try:
+            fd = os.open(self.path(h), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise self._error(h, e) from None
+        with contextlib.ExitStack() as stack:
+            stack.callback(os.close, fd)  # after the range is unmapped
+            try:
+                data = stack.enter_context(file_range(fd, offset, length))
+            except OSError as e:
+                raise self._error(h, e) from None
+            yield data
 
     def stat(self, h: Handle) -> int | None:
         try:
@@ -249,15 +273,24 @@ class S3Backend:
         of the object comes back short: the object is not what the index says, and the chunk
         checks that follow name it damaged. A body cut short in transit is an error of the
         client (its length is checked against the answer's), so the store counts as away."""
+        return bytes(self._get(h, offset, length))
+
+    @contextlib.contextmanager
+    def load_view(self, h: Handle, offset: int, length: int) -> Iterator[bytes | memoryview]:
+        """The response body as obstore received it, without ``load``'s copy into ``bytes``."""
+        with memoryview(self._get(h, offset, length)) as view:
+            yield view
+
+    def _get(self, h: Handle, offset: int, length: int | None) -> Any:
+        """The body (a buffer) of a GET of the object or of its range, failures sorted."""
         import obstore
         from obstore.exceptions import BaseError, NotFoundError, PermissionDeniedError, UnauthenticatedError
 
         what = f"{h.kind}/{h.name}"
         try:
             if length is not None:
-                return bytes(obstore.get_range(self._reader, self.key(h), start=offset, length=length))
-            return bytes(obstore.get(self._reader, self.key(h), options={"range": {"offset": offset}} if offset else {})
-                         .bytes())  # fmt: skip
+                return obstore.get_range(self._reader, self.key(h), start=offset, length=length)
+            return obstore.get(self._reader, self.key(h), options={"range": {"offset": offset}} if offset else {}).bytes()
         except (FileNotFoundError, NotFoundError) as e:
             if "NoSuchBucket" in str(e):
                 raise RepositoryError(f"bucket {self.bucket} does not exist") from None

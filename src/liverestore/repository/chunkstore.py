@@ -19,6 +19,7 @@ which are still read.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import logging
 import struct
@@ -591,8 +592,9 @@ class ChunkStore:
         return list(self.iter_run(run, moved_ok))
 
     def iter_run(self, run: Sequence[Want], moved_ok: bool = True) -> Iterator[tuple[bytes, int] | IntegrityError]:
-        """``load_run`` one chunk at a time: the ranged read is made at once, and each chunk is
-        decoded only when asked for, so a reader can let go of one before the next is decoded."""
+        """``load_run`` one chunk at a time: the ranged read is made when the first chunk is
+        asked for, and each chunk is decoded only when asked for, so a reader can let go of one
+        before the next is decoded."""
         first, last = run[0].where, run[-1].where
         if first.pack is None:
             if len(run) != 1:
@@ -602,18 +604,27 @@ class ChunkStore:
             except ObjectMissing:
                 return iter([IntegrityError(f"chunk {run[0].cid} is missing from the repository")])
             return iter([self._decode(run[0], blob, 0, len(blob))])
-        span = last.offset + last.length - first.offset
-        h = Handle("packs", first.pack)
-        try:
-            data = self.backend.load(h, first.offset, span)
-        except ObjectMissing:
-            if moved_ok and self._moved(first.pack):
-                return iter(self._load_moved(run))
-            return iter([IntegrityError(f"chunk {w.cid} is missing from the repository (object packs/{first.pack} "
-                                        "is gone)") for w in run])  # fmt: skip
-        return self._decode_span(run, first, data)
+        return self._iter_span(run, first, last.offset + last.length - first.offset, moved_ok)
 
-    def _decode_span(self, run: Sequence[Want], first: Location, data: bytes) -> Iterator[tuple[bytes, int] | IntegrityError]:
+    def _iter_span(self, run: Sequence[Want], first: Location, span: int,
+                   moved_ok: bool) -> Iterator[tuple[bytes, int] | IntegrityError]:  # fmt: skip
+        """The run's chunks from one ranged read the backend may lend rather than copy
+        (``load_view``): it is held until the last chunk is decoded, or the reader lets go."""
+        assert first.pack is not None
+        with contextlib.ExitStack() as stack:
+            try:
+                data = stack.enter_context(self.backend.load_view(Handle("packs", first.pack), first.offset, span))
+            except ObjectMissing:
+                if moved_ok and self._moved(first.pack):
+                    yield from self._load_moved(run)
+                else:
+                    yield from (IntegrityError(f"chunk {w.cid} is missing from the repository (object packs/"
+                                               f"{first.pack} is gone)") for w in run)  # fmt: skip
+                return
+            yield from self._decode_span(run, first, data)
+
+    def _decode_span(self, run: Sequence[Want], first: Location,
+                     data: bytes | memoryview) -> Iterator[tuple[bytes, int] | IntegrityError]:  # fmt: skip
         for w in run:
             start = w.where.offset - first.offset
             if start + w.where.length > len(data):
@@ -644,7 +655,7 @@ class ChunkStore:
             got.update((w.cid, r) for w, r in zip(moved, self.load_run(moved, moved_ok=False), strict=True))
         return [got[w.cid] for w in run]
 
-    def _decode(self, w: Want, data: bytes, start: int, length: int) -> tuple[bytes, int] | IntegrityError:
+    def _decode(self, w: Want, data: bytes | memoryview, start: int, length: int) -> tuple[bytes, int] | IntegrityError:
         blob = memoryview(data)[start : start + length] if (start or length != len(data)) else data
         try:
             if self.key:

@@ -1,0 +1,85 @@
+"""A byte range of a local file, mapped into memory instead of read into a new buffer.
+
+Reading a ranged pack read with ``read`` copies it from the page cache into a fresh buffer, and on
+this kind of host the fresh memory costs more than the copy: for 1 GiB of data at 1 MiB blocks
+(512 MiB of packs, 8 MiB ranges) the reads took 0.36-0.47 s of CPU, the same reads into a reused
+buffer 0.20-0.32 s, and mapping the same ranges 0.007 s. A cold read spends about 3 s of CPU per
+GiB in all, on two cores shared with its client, so that is a tenth of it. zstd and BLAKE3 read
+the chunks straight from the mapped page cache; nothing of the mapping outlives the read (every
+chunk is decompressed into its own buffer).
+
+A mapping has one hazard a read has not: a page that cannot be read (an I/O error, a file cut
+short under it) raises SIGBUS where the reader touches it, which would kill the agent. So the
+range is read in when mapped, with ``MADV_POPULATE_READ`` (Linux 5.14), which reports such a page
+as an error instead; then the range is read with ``pread`` after all, and its error is reported
+as any read's. Only a page the kernel evicts between that read-in and its use (the decoding that
+follows at once) and then fails to read again could still raise it. A kernel without
+``MADV_POPULATE_READ`` gets ``pread`` only, as do small ranges, where mapping costs more system
+calls than the copy it saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+from collections.abc import Iterator
+
+MAP_MIN_BYTES = 256 * 1024  # below this a copy is cheaper than mmap + madvise + munmap
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux's value; Python 3.11 lacks the name
+_kernel_populates = True  # False once the kernel has refused MADV_POPULATE_READ
+
+
+@contextlib.contextmanager
+def file_range(fd: int, offset: int, length: int) -> Iterator[bytes | memoryview]:
+    """Bytes [offset, offset + length) of the open file ``fd``, valid until the context closes;
+    short when the file ends sooner, as ``pread`` is. ``OSError`` as ``pread`` raises it."""
+    mapping = _mapped(fd, offset, length)
+    if mapping is None:
+        yield _pread_all(fd, offset, length)
+        return
+    m, skip = mapping
+    view = memoryview(m)[skip:]
+    try:
+        yield view
+    finally:
+        view.release()
+        with contextlib.suppress(BufferError):  # a slice still held: unmapped when it is let go
+            m.close()
+
+
+def _mapped(fd: int, offset: int, length: int) -> tuple[mmap.mmap, int] | None:
+    """The range mapped and read in, with where it starts in the mapping; None where ``pread``
+    should be used instead (small, empty, unmappable, unreadable, or an older kernel)."""
+    global _kernel_populates
+    if not _kernel_populates or length < MAP_MIN_BYTES:
+        return None
+    end = min(offset + length, os.fstat(fd).st_size)
+    if end <= offset:
+        return None
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    try:
+        m = mmap.mmap(fd, end - start, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=start)
+    except (OSError, ValueError):
+        return None
+    try:
+        m.madvise(_MADV_POPULATE_READ)
+    except OSError as e:
+        m.close()
+        if e.errno == errno.EINVAL:  # the kernel does not know it (before 5.14)
+            _kernel_populates = False
+        return None  # an I/O error or a file cut short: pread meets it and reports it
+    return m, offset - start
+
+
+def _pread_all(fd: int, offset: int, length: int) -> bytes:
+    parts = []
+    while length > 0:
+        got = os.pread(fd, length, offset)
+        if not got:
+            break
+        parts.append(got)
+        offset += len(got)
+        length -= len(got)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
