@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from liverestore.agent.blockfile import BlockFile
 from liverestore.agent.nbd import protocol as p
 from liverestore.backup import run_backup
 from liverestore.repository import Repository, RestorePoint
@@ -256,6 +257,49 @@ def test_pipelined_small_reads_share_sends_and_mixed_requests_keep_their_replies
         offset, length = wanted.pop(handle) or (0, 0)
         assert data == content[offset : offset + length], (offset, length)
     assert failed == 1 and list(wanted.values()) == [None]
+    c.close()
+
+
+def test_small_reads_in_order_share_one_read_of_the_cache_and_never_reach_past_what_it_holds(
+    repo: Repository,
+    point: RestorePoint,
+    disk: tuple[Path, bytes],
+    start_agent: AgentFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection reading 4 KiB pieces in order gets its cached pieces from one read of the cache
+    per 64 KiB, not one each; what such a read keeps never covers a block that is not cached yet
+    (it would be a hole of zeros there), so the pieces of a missing block are fetched and right."""
+    agent = start_agent(repo, point, readahead_bytes=0)
+    export = agent.agent.exports["vm1/disk0"]
+    c = NbdClient("127.0.0.1", agent.port, "vm1/disk0")
+    content = disk[1]
+    assert c.read(1 * MiB, 1 * MiB) == content[1 * MiB : 2 * MiB]  # blocks 1 and 3 cached, 2 not
+    assert c.read(3 * MiB, 1 * MiB) == content[3 * MiB : 4 * MiB]
+    assert not export.present(2) and export.manifest.is_allocated(2)
+
+    reads: list[int] = []
+    real_pread = BlockFile.pread
+
+    def counting_pread(self: BlockFile, length: int, offset: int) -> bytes:
+        reads.append(offset)
+        return real_pread(self, length, offset)
+
+    monkeypatch.setattr(BlockFile, "pread", counting_pread)
+    batch, wanted = bytearray(), {}
+    for offset in range(1 * MiB, 4 * MiB, 4096):
+        c.handle += 1
+        batch += p.REQUEST_HEADER.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, c.handle, offset, 4096)
+        wanted[c.handle] = offset
+    for at in range(0, len(batch), 16 * p.REQUEST_HEADER.size):  # 16 in flight, as nbdcopy keeps
+        c.sock.sendall(bytes(batch[at : at + 16 * p.REQUEST_HEADER.size]))
+        for _ in range(16):
+            handle, data, _ = c.reply()
+            offset = wanted.pop(handle)
+            assert data == content[offset : offset + 4096], offset
+    assert not wanted and export.present(2)
+    in_block_1 = [o for o in reads if 1 * MiB <= o < 2 * MiB]
+    assert len(in_block_1) <= 1 * MiB // (64 * 1024) + 1, f"{len(in_block_1)} reads of the cache for 256 pieces"
     c.close()
 
 

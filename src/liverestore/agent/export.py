@@ -33,6 +33,7 @@ from liverestore.repository import DiskManifest
 log = logging.getLogger("liverestore.export")
 
 SENDFILE_MIN = 64 * 1024  # larger cached reads go out with sendfile(2) instead of through Python
+INLINE_SPAN = 64 * 1024  # read at once for a connection reading small pieces in order
 
 
 class DiskExport:
@@ -205,25 +206,8 @@ class DiskExport:
             self.recorder.record(self.name, offset, length, not missing, now - t0, now)
         return data
 
-    def read_now(self, offset: int, length: int) -> bytes | None:
-        """Fast path for small cached reads (4 KiB guest I/O): no task, no await, same bookkeeping."""
-        if length >= SENDFILE_MIN or length <= 0 or offset + length > self.size:
-            return None
-        if self.cow is not None or self.read_observers:
-            return None
-        first, last = offset // self.block_size, (offset + length - 1) // self.block_size
-        if first == last:  # most small reads: one block, checked without a generator
-            if not self.present(first):
-                return None
-        elif not all(self.present(i) for i in range(first, last + 1)):
-            return None
-        t0 = time.monotonic()
-        data = self.read_cache.pread(length, offset)
-        now = time.monotonic()
-        self.metrics.record_read(length, True, now - t0, now)
-        if self.recorder.active:
-            self.recorder.record(self.name, offset, length, True, 0.0, now)
-        return data
+    def inline_reads(self) -> InlineReads:
+        return InlineReads(self)
 
     async def write(self, offset: int, data: bytes) -> None:
         cow = self._require_cow()
@@ -375,3 +359,65 @@ async def _all(futures: list[asyncio.Future[None]]) -> None:
 def _swallow(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+class InlineReads:
+    """One connection's small cached reads (4 KiB guest I/O), answered with no task and no await,
+    with the same bookkeeping as ``read``. A connection that reads in order (a copy, a scan: 16
+    reads of 4 KiB in flight, one after another) gets ``INLINE_SPAN`` bytes from one ``pread``
+    and the reads that follow from them: a ``pread`` costs 3.5 us here whatever its size up to a
+    few pages, a fifth of the event loop's time per 4 KiB read. Keeping them is safe because a
+    block's bytes in the read-cache never change once it is present (the backup is immutable;
+    an evicted block comes back the same); only the blocks present when they were read are kept,
+    and a copy-on-write export or one being relocated takes ``read`` instead."""
+
+    def __init__(self, export: DiskExport) -> None:
+        self.export = export
+        self._start = 0  # disk offset of ``_kept``
+        self._kept = memoryview(b"")
+        self._next = -1  # where the connection's last read ended
+
+    def read(self, offset: int, length: int) -> bytes | memoryview | None:
+        e = self.export
+        if length >= SENDFILE_MIN or length <= 0 or offset + length > e.size:
+            return None
+        if e.cow is not None or e.read_observers:
+            return None
+        t0 = time.monotonic()
+        at = offset - self._start
+        if at >= 0 and at + length <= len(self._kept):
+            data: bytes | memoryview = self._kept[at : at + length]
+        else:
+            span = self._present_span(offset, length)
+            if span is None:
+                return None
+            if span == length:
+                data = e.read_cache.pread(length, offset)
+            else:
+                self._start, self._kept = offset, memoryview(e.read_cache.pread(span, offset))
+                data = self._kept[:length]
+        self._next = offset + length
+        now = time.monotonic()
+        e.metrics.record_read(length, True, now - t0, now)
+        if e.recorder.active:
+            e.recorder.record(e.name, offset, length, True, 0.0, now)
+        return data
+
+    def _present_span(self, offset: int, length: int) -> int | None:
+        """How many bytes from ``offset`` to read: None when the read's own blocks are not all
+        present; ``length`` for a read out of order; else up to ``INLINE_SPAN``, as far as the
+        blocks are present."""
+        e, bs = self.export, self.export.block_size
+        first, last = offset // bs, (offset + length - 1) // bs
+        if first == last:  # most small reads: one block, checked without a generator
+            if not e.present(first):
+                return None
+        elif not all(e.present(i) for i in range(first, last + 1)):
+            return None
+        if offset != self._next:
+            return length
+        end = min(offset + INLINE_SPAN, e.size)
+        for i in range(last + 1, (end - 1) // bs + 1):
+            if not e.present(i):
+                return max(length, i * bs - offset)
+        return end - offset

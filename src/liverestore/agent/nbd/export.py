@@ -23,6 +23,15 @@ class ExportError(Exception):
         self.errno = errno
 
 
+class InlineReads(Protocol):
+    """One connection's reads answered without waiting: the server asks before it starts a task
+    for a read, and the answer may come from what an earlier read of the connection fetched."""
+
+    def read(self, offset: int, length: int) -> bytes | memoryview | None:
+        """The bytes if they can be had without waiting (small, cached); else None → ``read``."""
+        ...
+
+
 class NbdExport(Protocol):
     name: str
     size: int
@@ -31,8 +40,8 @@ class NbdExport(Protocol):
 
     async def read(self, offset: int, length: int) -> bytes | FileSlice: ...
 
-    def read_now(self, offset: int, length: int) -> bytes | None:
-        """The bytes if they can be had without waiting (small, cached); else None → ``read``."""
+    def inline_reads(self) -> InlineReads:
+        """A connection's own way to answer reads at once (see ``InlineReads``)."""
         ...
 
     async def write(self, offset: int, data: bytes) -> None: ...

@@ -414,6 +414,7 @@ class NbdServer:
         clog = ConnectionLog(writer.get_extra_info("peername"))
         requests = _Requests(reader)
         corked = _Cork(writer)  # replies answered inline, not yet handed to the transport
+        inline = export.inline_reads()
         try:
             while True:
                 if not requests.ready():
@@ -427,7 +428,7 @@ class NbdServer:
                     cmd == p.CMD_READ
                     and not flags & ~KNOWN_CMD_FLAGS
                     and not lock.locked()
-                    and (data := export.read_now(offset, length)) is not None
+                    and (data := inline.read(offset, length)) is not None
                 ):
                     # answered inline: nothing else is mid-reply (no sendfile in progress), and
                     # nothing is awaited until the corked replies are handed over whole, so no
@@ -641,10 +642,10 @@ class _Cork:
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
-        self.parts: list[bytes] = []
+        self.parts: list[bytes | memoryview] = []
         self.size = 0
 
-    def add(self, head: bytes, data: bytes) -> None:
+    def add(self, head: bytes, data: bytes | memoryview) -> None:
         """A reply: its header, and its data (kept apart, joined once with the others)."""
         self.parts += (head, data)
         self.size += len(head) + len(data)
