@@ -1,12 +1,14 @@
 """A byte range of a local file, mapped into memory instead of read into a new buffer.
 
 Reading a ranged pack read with ``read`` copies it from the page cache into a fresh buffer, and on
-this kind of host the fresh memory costs more than the copy: for 1 GiB of data at 1 MiB blocks
-(512 MiB of packs, 8 MiB ranges) the reads took 0.36-0.47 s of CPU, the same reads into a reused
-buffer 0.20-0.32 s, and mapping the same ranges 0.007 s. A cold read spends about 3 s of CPU per
-GiB in all, on two cores shared with its client, so that is a tenth of it. zstd and BLAKE3 read
-the chunks straight from the mapped page cache; nothing of the mapping outlives the read (every
-chunk is decompressed into its own buffer).
+this kind of host the fresh memory costs more than the copy: alone, reading the 512 MiB of packs
+of 1 GiB of data (8 MiB ranges) took 0.36-0.47 s of CPU, the same reads into a reused buffer
+0.20-0.32 s, and mapping them 0.007 s. Within a cold read the saving is smaller, as the pages
+mapped are still touched once by zstd: reading and decoding that GiB took 0.64-0.77 s of CPU
+instead of 0.76-0.86 s, and a whole cold read through the agent 1.80 s instead of 1.86 s (fetch
+threads 1.52 s of CPU instead of 1.62 s). zstd and BLAKE3 read the chunks straight from the
+mapped page cache; nothing of the mapping outlives the read (every chunk is decompressed into its
+own buffer).
 
 A mapping has one hazard a read has not: a page that cannot be read (an I/O error, a file cut
 short under it) raises SIGBUS where the reader touches it, which would kill the agent. So the
