@@ -313,25 +313,26 @@ def test_a_cached_read_sent_with_sendfile_sends_its_headers_in_one_write(
     structured: bool,
 ) -> None:
     """A large read from the cache goes out as its headers, then ``sendfile`` of the data: the
-    headers in one ``send``. A structured reply's chunk header and offset sent apart were two
-    sends, two packets and two wake-ups of the client on loopback, per read (warm 1 MiB reads
-    over TCP ran at two thirds of the speed)."""
+    headers in one ``send``, with ``MSG_MORE`` so that they leave with the data. A structured
+    reply's chunk header and offset sent apart were two sends, two packets and two wake-ups of
+    the client on loopback, per read (warm 1 MiB reads over TCP ran at two thirds of the speed)."""
     agent = start_agent(repo, point)
     c = NbdClient("127.0.0.1", agent.port, "vm1/disk0", structured=structured)
     content = disk[1]
     assert c.read(0, 4 * MiB) == content[: 4 * MiB]  # now cached
 
-    sends: list[int] = []
+    sends: list[tuple[int, int]] = []
     real_send = socket.socket.send
 
-    def counting_send(sock: socket.socket, data: Any, *flags: int) -> int:
+    def counting_send(sock: socket.socket, data: Any, flags: int = 0) -> int:
         if sock.family == socket.AF_INET:  # not the event loop's wake-up socketpair
-            sends.append(len(data))
-        return real_send(sock, data, *flags)
+            sends.append((len(data), flags))
+        return real_send(sock, data, flags)
 
     monkeypatch.setattr(socket.socket, "send", counting_send)
     for i in range(4):
         assert c.read(i * MiB, MiB) == content[i * MiB : (i + 1) * MiB]
     head = 20 + 8 if structured else 16  # chunk header and offset, or the simple reply
-    assert sends == [head] * 4, f"sends of {sends} bytes for 4 cached 1 MiB reads"
+    # each with MSG_MORE: the headers wait for the data and leave with it
+    assert sends == [(head, socket.MSG_MORE)] * 4, f"sends (bytes, flags) of {sends} for 4 cached 1 MiB reads"
     c.close()

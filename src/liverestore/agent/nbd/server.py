@@ -672,15 +672,24 @@ async def _send_file(transport: asyncio.WriteTransport, head: bytes, part: FileS
     the socket with epoll on every call: four system calls and a future per reply that a socket
     with room in its buffer does not need. A structured reply's two headers (20 and 8 bytes)
     written apart cost a send each, and warm 1 MiB reads over TCP ran at 1,277 MiB/s against
-    1,931 with one write (median of 5; nbdkit 1,681). Corking the socket (``TCP_CORK``) so the
-    headers left with the data was slower still (1,043). Only a plain socket whose transport
-    holds nothing unsent: under TLS the bytes must go through the cipher, and anything buffered
-    must go first."""
+    1,931 with one write (median of 5; nbdkit 1,681). Over TCP the headers go with ``MSG_MORE``,
+    as nbdkit sends its own: they wait in the socket for the data that follows and leave in its
+    first segment, one wake-up of the client instead of two. Side by side, 9 rounds each way,
+    warm 1 MiB reads ran at 1,631 against 1,395 and 1,993 against 1,906 MiB/s, with 5-11% less
+    CPU in the event loop. Corking the socket (``TCP_CORK``) instead, two more system calls per
+    reply, was slower than either (1,043). Only a plain socket whose transport holds nothing
+    unsent: under TLS the bytes must go through the cipher, and anything buffered must go first."""
     sent = 0
     sock = transport.get_extra_info("socket")
-    transport.write(head)  # sent at once when the socket has room, else buffered
-    if (sock is not None and transport.get_extra_info("sslcontext") is None
-            and transport.get_write_buffer_size() == 0):  # fmt: skip
+    plain = sock is not None and transport.get_extra_info("sslcontext") is None
+    if plain and transport.get_write_buffer_size() == 0 and sock.family in (socket.AF_INET, socket.AF_INET6):
+        taken = _send_more(sock.fileno(), sock.family, head)
+        if taken < len(head):  # a full socket buffer: the rest waits in the transport
+            transport.write(head[taken:])
+    else:
+        transport.write(head)  # sent at once when the socket has room, else buffered
+    if plain and transport.get_write_buffer_size() == 0:
+        assert sock is not None
         with contextlib.suppress(BlockingIOError):
             while sent < part.length:
                 n = os.sendfile(sock.fileno(), part.file.fileno(), part.offset + sent, part.length - sent)
@@ -689,3 +698,16 @@ async def _send_file(transport: asyncio.WriteTransport, head: bytes, part: FileS
                 sent += n
     if sent < part.length:
         await asyncio.get_running_loop().sendfile(transport, part.file, part.offset + sent, part.length - sent)
+
+
+def _send_more(fd: int, family: int, data: bytes) -> int:
+    """Bytes of ``data`` sent on the non-blocking TCP socket ``fd`` with ``MSG_MORE`` (0 when it
+    cannot take any). The event loop's socket object has no ``send``: a socket object is put on
+    the descriptor for the call and taken off again (``detach``), never closing it."""
+    raw = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+    try:
+        return raw.send(data, socket.MSG_MORE)
+    except OSError:  # full, or the client is gone: the transport sends it, or meets the error, as always
+        return 0
+    finally:
+        raw.detach()
