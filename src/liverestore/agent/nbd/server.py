@@ -125,6 +125,9 @@ class _Session:
     no_zeroes: bool = False
     tls: bool = False
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
+    # the connection's TCP socket duplicated, for reply headers sent with MSG_MORE (``_send_file``):
+    # the event loop's socket object has no ``send``. Closed when the transmission ends.
+    sender: socket.socket | None = None
 
     def upgraded(self) -> None:
         """After STARTTLS the spec has both sides forget what was negotiated in the clear."""
@@ -139,6 +142,21 @@ def _tune_socket(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
     writer.transport.set_write_buffer_limits(high=8 * 1024 * 1024)
+
+
+def _header_sender(writer: asyncio.StreamWriter) -> socket.socket | None:
+    """A duplicate of a plain TCP connection's socket (see ``_Session.sender``), or None (a unix
+    socket, TLS). A duplicate, not the loop's descriptor: closing it never closes the connection,
+    and it shares the socket's buffer, so its sends keep their place among the transport's."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or writer.get_extra_info("sslcontext") is not None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        sender = socket.socket(sock.family, socket.SOCK_STREAM, 0, fileno=os.dup(sock.fileno()))
+    except OSError:
+        return None
+    sender.setblocking(False)
+    return sender
 
 
 class NbdServer:
@@ -415,6 +433,7 @@ class NbdServer:
         requests = _Requests(reader)
         corked = _Cork(writer)  # replies answered inline, not yet handed to the transport
         inline = export.inline_reads()
+        sess.sender = _header_sender(writer)
         try:
             while True:
                 if not requests.ready():
@@ -466,8 +485,13 @@ class NbdServer:
                 task.add_done_callback(functools.partial(self._release, budget, cost))
         finally:
             corked.hand_over()  # e.g. the replies before a bad request: they are owed
-            if sess.inflight:
-                await asyncio.gather(*sess.inflight, return_exceptions=True)
+            try:
+                if sess.inflight:
+                    await asyncio.gather(*sess.inflight, return_exceptions=True)
+            finally:
+                if sess.sender is not None:
+                    sess.sender.close()
+                    sess.sender = None
             clog.summary()
         with contextlib.suppress(ExportError):
             await export.flush()
@@ -513,7 +537,7 @@ class NbdServer:
                 *heads, last = out
                 if isinstance(last, FileSlice):  # a cached read (``_execute`` puts it last): headers go with it
                     await writer.drain()
-                    await _send_file(writer.transport, b"".join(cast("list[bytes]", heads)), last)
+                    await _send_file(writer.transport, b"".join(cast("list[bytes]", heads)), last, sess.sender)
                     out = []
                 for part in out:
                     assert not isinstance(part, FileSlice), "a file slice is only ever a reply's last part"
@@ -665,7 +689,8 @@ class _Cork:
                 await self.writer.drain()
 
 
-async def _send_file(transport: asyncio.WriteTransport, head: bytes, part: FileSlice) -> None:
+async def _send_file(transport: asyncio.WriteTransport, head: bytes, part: FileSlice,
+                     sender: socket.socket | None = None) -> None:
     """``head`` (the reply's headers) in one write, then ``sendfile(2)`` of the slice straight
     to the socket while the socket takes it, handing only what is left to ``loop.sendfile``.
     That one pauses the transport's reading, waits for its buffer, and registers and unregisters
@@ -682,9 +707,12 @@ async def _send_file(transport: asyncio.WriteTransport, head: bytes, part: FileS
     sent = 0
     sock = transport.get_extra_info("socket")
     plain = sock is not None and transport.get_extra_info("sslcontext") is None
-    if plain and transport.get_write_buffer_size() == 0 and sock.family in (socket.AF_INET, socket.AF_INET6):
-        taken = _send_more(sock.fileno(), sock.family, head)
-        if taken < len(head):  # a full socket buffer: the rest waits in the transport
+    if plain and sender is not None and transport.get_write_buffer_size() == 0:
+        try:
+            taken = sender.send(head, socket.MSG_MORE)
+        except OSError:  # full, or the client is gone: the transport sends it, or meets the error, as always
+            taken = 0
+        if taken < len(head):
             transport.write(head[taken:])
     else:
         transport.write(head)  # sent at once when the socket has room, else buffered
@@ -698,16 +726,3 @@ async def _send_file(transport: asyncio.WriteTransport, head: bytes, part: FileS
                 sent += n
     if sent < part.length:
         await asyncio.get_running_loop().sendfile(transport, part.file, part.offset + sent, part.length - sent)
-
-
-def _send_more(fd: int, family: int, data: bytes) -> int:
-    """Bytes of ``data`` sent on the non-blocking TCP socket ``fd`` with ``MSG_MORE`` (0 when it
-    cannot take any). The event loop's socket object has no ``send``: a socket object is put on
-    the descriptor for the call and taken off again (``detach``), never closing it."""
-    raw = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
-    try:
-        return raw.send(data, socket.MSG_MORE)
-    except OSError:  # full, or the client is gone: the transport sends it, or meets the error, as always
-        return 0
-    finally:
-        raw.detach()
