@@ -699,9 +699,10 @@ async def _send_file(transport: asyncio.WriteTransport, head: bytes, part: FileS
     written apart cost a send each, and warm 1 MiB reads over TCP ran at 1,277 MiB/s against
     1,931 with one write (median of 5; nbdkit 1,681). Over TCP the headers go with ``MSG_MORE``,
     as nbdkit sends its own: they wait in the socket for the data that follows and leave in its
-    first segment, one wake-up of the client instead of two. Side by side, 9 rounds each way,
-    warm 1 MiB reads ran at 1,631 against 1,395 and 1,993 against 1,906 MiB/s, with 5-11% less
-    CPU in the event loop. Corking the socket (``TCP_CORK``) instead, two more system calls per
+    first segment, one wake-up of the client instead of two. Side by side, warm 1 MiB reads ran
+    at 2,018 against 1,889 MiB/s (nbdkit 1,948), and in three earlier runs 1,631 against 1,395,
+    1,993 against 1,906 and 1,715 against 1,716 (7-9 rounds each), with up to a tenth less CPU in
+    the event loop. Corking the socket (``TCP_CORK``) instead, two more system calls per
     reply, was slower than either (1,043). Only a plain socket whose transport holds nothing
     unsent: under TLS the bytes must go through the cipher, and anything buffered must go first."""
     sent = 0
