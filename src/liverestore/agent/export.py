@@ -408,16 +408,11 @@ class InlineReads:
         present; ``length`` for a read out of order; else up to ``INLINE_SPAN``, as far as the
         blocks are present."""
         e, bs = self.export, self.export.block_size
-        first, last = offset // bs, (offset + length - 1) // bs
-        if first == last:  # most small reads: one block, checked without a generator
-            if not e.present(first):
-                return None
-        elif not all(e.present(i) for i in range(first, last + 1)):
-            return None
-        if offset != self._next:
-            return length
-        end = min(offset + INLINE_SPAN, e.size)
-        for i in range(last + 1, (end - 1) // bs + 1):
+        last = (offset + length - 1) // bs  # the read's own last block
+        end = offset + length
+        if offset == self._next:  # in order: on as far as INLINE_SPAN
+            end = max(end, min(offset + INLINE_SPAN, e.size))
+        for i in range(offset // bs, (end - 1) // bs + 1):
             if not e.present(i):
-                return max(length, i * bs - offset)
+                return None if i <= last else i * bs - offset  # a block past the read: stop before it
         return end - offset
