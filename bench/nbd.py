@@ -43,6 +43,15 @@ def _wait_port(port: int | None, sock: Path | None, timeout: float = 20) -> None
 
 @contextmanager
 def server(kind: str, raw: Path, repo: str | Path, tmp: Path, unix: bool, agent_args: Sequence[str] = ()) -> Iterator[str]:
+    """The URI of a running ``kind`` server of the disk, stopped on exit."""
+    with served(kind, raw, repo, tmp, unix, agent_args) as (uri, _pid):
+        yield uri
+
+
+@contextmanager
+def served(kind: str, raw: Path, repo: str | Path, tmp: Path, unix: bool,
+           agent_args: Sequence[str] = ()) -> Iterator[tuple[str, int]]:  # fmt: skip
+    """``server``'s URI and the server's process id, for a benchmark that counts its CPU."""
     port = _free_port()
     sock = tmp / f"{kind}.sock"
     sock.unlink(missing_ok=True)
@@ -64,7 +73,7 @@ def server(kind: str, raw: Path, repo: str | Path, tmp: Path, unix: bool, agent_
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_port(port, sock if unix else None)
-        yield f"nbd+unix:///{export}?socket={sock}" if unix else f"nbd://127.0.0.1:{port}/{export}"
+        yield (f"nbd+unix:///{export}?socket={sock}" if unix else f"nbd://127.0.0.1:{port}/{export}"), proc.pid
     finally:
         stop_process(proc)
 

@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import MiB, bar_chart, write_results
-from bench.nbd import server
+from bench.common import MiB, bar_chart, children_cpu_s, host_busy_s, process_cpu_s, write_results
+from bench.nbd import served
 from liverestore.backup import run_backup
 from liverestore.repository import Repository
 from liverestore.restore import InstantRestore, RestoreOptions, RestoreReport, copy_disk
@@ -75,19 +75,39 @@ def _data_disk(path: Path, size: int) -> None:
             f.write(os.urandom(32 * 1024) * 2)
 
 
-def _cold_copy(kind: str, disk: Path, location: str, work: Path, tag: str, agent_args: Sequence[str] = ()) -> float:
+def _cold_copy(kind: str, disk: Path, location: str, work: Path, tag: str, agent_args: Sequence[str] = (),
+               cpu: list[dict[str, float]] | None = None) -> float:  # fmt: skip
     """Seconds for nbdcopy to read the whole export (the agent's from a cold cache), as QEMU's
-    mirror does: 1 MiB requests, 16 in flight."""
+    mirror does: 1 MiB requests, 16 in flight. With ``cpu``, what the copy cost in CPU is
+    appended to it: the server's and nbdcopy's CPU seconds, and how many of the host's cores
+    were busy on average (everything on the host, the kernel's write-back included)."""
     tmp = work / f"serve-{tag}"
     tmp.mkdir()
     try:
-        with server(kind, disk, location, tmp, unix=False, agent_args=agent_args) as uri:
+        with served(kind, disk, location, tmp, unix=False, agent_args=agent_args) as (uri, pid):
+            server0, client0, (busy0, total0) = process_cpu_s(pid), children_cpu_s(), host_busy_s()
             t0 = time.monotonic()
             subprocess.run(["nbdcopy", "--request-size=1048576", "--requests=16", "--connections=1",
                             uri, "null:"], check=True)  # fmt: skip
-            return time.monotonic() - t0
+            secs = time.monotonic() - t0
+            (busy1, total1), client1, server1 = host_busy_s(), children_cpu_s(), process_cpu_s(pid)
+            if cpu is not None:
+                cores = os.cpu_count() or 1
+                cpu.append({"server_cpu_s": server1 - server0, "client_cpu_s": client1 - client0,
+                            "busy_cores": cores * (busy1 - busy0) / max(total1 - total0, 1e-9)})  # fmt: skip
+            return secs
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cpu_summary(samples: list[dict[str, float]]) -> dict[str, float]:
+    """The median of each measure over a copy's rounds, and the seconds its CPU alone takes on
+    this host's cores: (server + client CPU) / cores, what the copy would take with every core
+    busy all the time on nothing else."""
+    cores = os.cpu_count() or 1
+    out = {key: round(statistics.median(s[key] for s in samples), 2) for key in samples[0]}
+    out["cpu_bound_s"] = round(statistics.median((s["server_cpu_s"] + s["client_cpu_s"]) / cores for s in samples), 2)
+    return out
 
 
 def _local_convert(disk: Path, work: Path) -> float:
@@ -156,9 +176,10 @@ def _agent_vs_download(s3: SeaweedFS, work: Path, bs: int, size: int) -> dict[st
         downloaded.append(total)
         return secs
 
+    cpu: dict[str, list[dict[str, float]]] = {"agent": [], "nbdkit": []}
     copies: dict[str, Callable[[str], float]] = {
-        "local_copy_s": lambda tag: _cold_copy("liverestore", disk, locations["local"], work, f"local-{tag}"),
-        "nbdkit_file_s": lambda tag: _cold_copy("nbdkit", disk, "", work, f"nbdkit-{tag}"),
+        "local_copy_s": lambda tag: _cold_copy("liverestore", disk, locations["local"], work, f"local-{tag}", cpu=cpu["agent"]),
+        "nbdkit_file_s": lambda tag: _cold_copy("nbdkit", disk, "", work, f"nbdkit-{tag}", cpu=cpu["nbdkit"]),
         "s3_copy_s": lambda tag: _cold_copy("liverestore", disk, locations["s3"], work, f"s3-{tag}"),
         "download_s": download,
         "qemu_img_convert_s": lambda _tag: _local_convert(disk, work),
@@ -180,6 +201,10 @@ def _agent_vs_download(s3: SeaweedFS, work: Path, bs: int, size: int) -> dict[st
     out["classic_over_convert"] = round(out["qemu_img_convert_s"] / out["classic_restore_s"], 2)
     out["local_agent_over_nbdkit"] = round(out["nbdkit_file_s"] / out["local_copy_s"], 2)
     out["local_agent_over_convert"] = round(out["qemu_img_convert_s"] / out["local_copy_s"], 2)
+    # What the agent's cold read costs in CPU against nbdkit's, and the ratio its CPU alone allows:
+    # a copy cannot finish before its CPU seconds are spread over every core.
+    out["cpu"] = {who: _cpu_summary(samples) for who, samples in cpu.items()}
+    out["local_cpu_ceiling_over_nbdkit"] = round(out["nbdkit_file_s"] / out["cpu"]["agent"]["cpu_bound_s"], 2)
     out["download_mb_s"] = round(downloaded[0] / 1e6 / out["download_s"], 1)
     out["s3_agent_over_download"] = round(out["s3_mb_s"] / out["download_mb_s"], 2)
     return out
@@ -237,6 +262,13 @@ def run(quick: bool) -> dict[str, Any]:
                    f"| {c['classic_over_convert']} | {c['s3_copy_s']} "
                    f"| {c['s3_mb_s']} | {c['s3_copy_no_readahead_s']} | {c['download_s']} | {c['download_mb_s']} | {c['s3_agent_over_download']} |"
                    for c in copies.values()]  # fmt: skip
+    cpu_table = ["| block KiB | agent s | agent CPU s | its nbdcopy CPU s | cores busy | CPU-bound s | nbdkit s "
+                 "| nbdkit CPU s | its nbdcopy CPU s | cores busy | agent / nbdkit | ceiling from CPU |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    cpu_table += [f"| {c['block_kib']} | {c['local_copy_s']} | {a['server_cpu_s']} | {a['client_cpu_s']} | {a['busy_cores']} "
+                  f"| {a['cpu_bound_s']} | {c['nbdkit_file_s']} | {k['server_cpu_s']} | {k['client_cpu_s']} | {k['busy_cores']} "
+                  f"| {c['local_agent_over_nbdkit']} | {c['local_cpu_ceiling_over_nbdkit']} |"
+                  for c in copies.values() for a, k in [(c["cpu"]["agent"], c["cpu"]["nbdkit"])]]  # fmt: skip
     notes = (
         f"**Agent cold read vs the link's own limit.** A fully allocated {copy_mib} MiB data disk (half-compressible "
         "blocks) backed up to a local directory and to SeaweedFS on loopback, then read whole through `liverestore "
@@ -250,6 +282,13 @@ def run(quick: bool) -> dict[str, Any]:
         "the JSON). Ratios are "
         "speed ratios (time of the peer / time of the agent). MB/s of stored (compressed) bytes. Targets: agent on "
         "S3 >= 0.8x the download; agent >= 0.8x nbdkit; classic restore >= 0.8x convert.\n\n" + "\n".join(copy_table) + "\n\n"
+        f"**What the local cold read costs in CPU**, in the same rounds (medians): the server's CPU seconds and "
+        f"nbdcopy's, and how many of the host's {os.cpu_count()} cores were busy on average (everything on the host, "
+        "the kernel's write-back of the cache included). CPU-bound s: (server + nbdcopy CPU) / cores, the "
+        "least the copy could take with every core busy all the time; ceiling from CPU: nbdkit's time over it, "
+        "the best agent / nbdkit ratio the agent's CPU allows on this host. nbdkit copies bytes from the page "
+        "cache; the agent decompresses, checks the hash of and writes each block to its read-cache before "
+        "sending it.\n\n" + "\n".join(cpu_table) + "\n\n"
         "**Instant restore of the test VM.** The test VM (2 GiB disk: 90 MB read at boot, 250 MB cold) backed up "
         "to each repository, then instant-restored with the QEMU driver, no emulated latency: time to boot with "
         "the profile (after a run that records it); relocation from the end of boot to the pivot (mirror start "
