@@ -81,6 +81,55 @@ def test_without_the_kernels_read_in_every_range_is_read(
         os.close(fd)
 
 
+def test_a_mapped_range_is_read_in_by_the_c_librarys_madvise_and_cannot_be_written(
+    data_file: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read-in goes through ctypes (which lets go of the GIL; ``mmap.madvise`` holds it for
+    the whole read-in, 1-3 ms per 8 MiB, with the event loop standing still), over the whole
+    mapping; the copy-on-write mapping is handed out read-only."""
+    path, data = data_file
+    assert mapped._madvise is not None  # glibc on Linux: the GIL-free path is the one taken
+    calls: list[tuple[int, int]] = []
+    real = mapped._madvise
+
+    def counted(address: int, length: int, advice: int) -> int:
+        calls.append((length, advice))
+        return int(real(address, length, advice))
+
+    monkeypatch.setattr(mapped, "_madvise", counted)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with mapped.file_range(fd, 4097, 2 * MiB) as got:
+            assert isinstance(got, memoryview) and got.readonly
+            assert bytes(got) == data[4097 : 4097 + 2 * MiB]
+            with pytest.raises(TypeError):
+                got[0:1] = b"x"
+            mapping = got.obj
+        assert isinstance(mapping, mmap.mmap) and mapping.closed  # nothing left exported by the read-in
+    finally:
+        os.close(fd)
+    start = 4097 - 4097 % mmap.ALLOCATIONGRANULARITY  # the page boundary below the offset
+    assert calls == [(4097 + 2 * MiB - start, mapped._MADV_POPULATE_READ)]
+    assert path.read_bytes() == data
+
+
+def test_a_read_in_the_kernel_refuses_falls_back_to_pread_for_good(
+    data_file: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EINVAL from madvise (a kernel before 5.14 does not know MADV_POPULATE_READ; here an advice
+    no kernel knows) comes back through ctypes' errno: the range is read, and so are the next."""
+    path, data = data_file
+    monkeypatch.setattr(mapped, "_MADV_POPULATE_READ", 4321)
+    monkeypatch.setattr(mapped, "_kernel_populates", True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with mapped.file_range(fd, 0, 2 * MiB) as got:
+            assert isinstance(got, bytes) and got == data[: 2 * MiB]
+        assert mapped._kernel_populates is False
+    finally:
+        os.close(fd)
+
+
 def test_a_pack_cut_short_names_the_chunks_it_lost_and_serves_the_rest(tmp_path: Path) -> None:
     repo = Repository.init(tmp_path / "repo", block_size=64 * 1024)
     disk = tmp_path / "disk.raw"
