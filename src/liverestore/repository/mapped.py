@@ -17,7 +17,9 @@ as an error instead; then the range is read with ``pread`` after all, and its er
 as any read's. Only a page the kernel evicts between that read-in and its use (the decoding that
 follows at once) and then fails to read again could still raise it. A kernel without
 ``MADV_POPULATE_READ`` gets ``pread`` only, as do small ranges, where mapping costs more system
-calls than the copy it saves.
+calls than the copy it saves. The mapping is private (copy-on-write, never written: nothing could
+reach the pack) and handed out read-only, and its read-in lets go of the GIL (``_populate``); a
+system whose overcommit policy refuses the private mapping gets ``pread`` as well.
 """
 
 from __future__ import annotations
