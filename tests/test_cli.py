@@ -86,6 +86,35 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], needle: str) -> 
     assert_one_line_error(r, needle)
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--accel", "bogus"), ("--memory", "0"), ("--memory", "-5"), ("--boot-window", "0"), ("--boot-quiet", "-1"),
+     ("--shutdown-timeout", "-1"), ("--repo-latency-ms", "-1"), ("--repo-mbps", "-8")],
+)  # fmt: skip
+def test_bad_option_values_are_refused_before_anything_starts(tmp_path: Path, option: str, value: str) -> None:
+    """A value QEMU or a boot check would choke on only later (``-m -5`` after launch, ``-m 0`` read
+    as 128 MiB, a boot window of 0 s recorded as an empty profile run) fails at parse time:
+    click's one line, exit 2, no destination made, no process started."""
+    lr("init", str(tmp_path / "repo"))
+    disk = tmp_path / "vm1.raw"
+    make_disk(disk, 8 << 20)
+    lr("backup", "--repo", str(tmp_path / "repo"), "--vm", "vm1", str(disk))
+    dest = tmp_path / "primary"
+    r = lr("restore", "--repo", str(tmp_path / "repo"), "--vm", "vm1", "--dest", str(dest), "--hypervisor", "qemu",
+           "--cache-dir", str(tmp_path / "cache"), option, value, check=False)  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and f"Invalid value for '{option}'" in errors[0], r.stderr
+    assert not dest.exists() and not (tmp_path / "cache").exists()
+    assert subprocess.run(["pgrep", "-f", str(dest)], capture_output=True).returncode == 1
+
+
+def test_demo_checks_its_block_size_before_building_the_vm(tmp_path: Path) -> None:
+    r = lr("demo", "--hypervisor", "qemu", "--data-dir", str(tmp_path / "d"), "--block-size", "5K", check=False)
+    assert_one_line_error(r, "block size 5120 is invalid")
+    assert not (tmp_path / "d").exists()  # nothing built, nothing cleared
+
+
 def test_serve_status_and_port_in_use(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     disk = tmp_path / "vm1.raw"

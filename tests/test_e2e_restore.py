@@ -183,6 +183,24 @@ def test_cli_instant_and_classic_restore(vm_backup: VmBackup, tmp_path: Path) ->
     assert again.returncode != 0 and "already exists" in again.stderr and "Traceback" not in again.stderr
 
 
+def test_boot_check_from_backup_keeps_the_agent_until_the_guest_is_off(vm_backup: VmBackup, tmp_path: Path) -> None:
+    """``--no-relocate --stop-after``: boot from the backup, then power the guest off. Its
+    shutdown still reads its disk through the agent (the test VM rereads a file past its caches,
+    as a real guest reads unit files and binaries), so the agent must outlive the guest; after,
+    nothing runs and nothing is on primary storage."""
+    dest = tmp_path / "primary"
+    r = _lr("restore", "--repo", str(vm_backup.repo_path), "--vm", "testvm", "--dest", str(dest), "--hypervisor",
+            "qemu", "--cache-dir", str(tmp_path / "c"), "--no-relocate", "--stop-after", "--shutdown-timeout",
+            "60", "--boot-marker", "BOOT-OK", "--json")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert not doc["relocated"] and doc["time_to_boot_s"] > 0 and not doc["destinations"]
+    serial = Path(doc["serial_log"]).read_text()
+    assert "ACPI-POWERDOWN" in serial and "SHUTDOWN-READ-OK" in serial, serial[-1500:]
+    assert subprocess.run(["pgrep", "-f", str(dest)], capture_output=True).returncode == 1
+    assert [p.name for p in dest.iterdir() if not p.name.startswith(".")] == []
+
+
 def test_ctrl_c_leaves_nothing_that_looks_complete(vm_backup: VmBackup, tmp_path: Path) -> None:
     dest = tmp_path / "primary"
     proc = subprocess.Popen(

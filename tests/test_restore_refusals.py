@@ -3,6 +3,7 @@ no disk written. And a running domain is not backed up behind libvirt's back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -12,7 +13,10 @@ from pathlib import Path
 import pytest
 
 from liverestore.backup import run_backup
-from liverestore.hypervisor.vmspec import DOMAIN_CONFIG_NAME
+from liverestore.errors import LiverestoreError
+from liverestore.hypervisor.base import DiskAttachment
+from liverestore.hypervisor.qemu import QemuVM
+from liverestore.hypervisor.vmspec import DOMAIN_CONFIG_NAME, default_spec
 from liverestore.repository import Repository
 from liverestore.testvm.domain import make_domain_xml
 from tests.helpers import MiB, make_disk
@@ -129,3 +133,17 @@ def test_running_domain_is_backed_up_live_and_bad_input_is_one_line(vmdir: Path,
         opened.close()
     r = backup("--libvirt", "--domain", "no-such-domain-x")
     assert r.returncode == 1 and "no domain 'no-such-domain-x'" in r.stderr
+
+
+def test_qemu_refusing_an_option_is_named_in_the_error(tmp_path: Path) -> None:
+    """QEMU opens its QMP socket before it checks ``-accel``, then exits: the error is QEMU's own
+    first line, not a reset QMP connection, nor the last line of a message that wraps."""
+    disk = tmp_path / "vda.raw"
+    make_disk(disk, 8 * MiB)
+    vm = QemuVM(tmp_path / "vm", accel="nosuchaccel")
+    with pytest.raises(LiverestoreError) as e:
+        asyncio.run(vm.launch(default_spec("refused", ["vda"]),
+                              [DiskAttachment(name="vda", size=disk.stat().st_size, local_path=disk)]))  # fmt: skip
+    assert str(e.value).startswith("QEMU failed to start: qemu-system-x86_64: -accel nosuchaccel"), str(e.value)
+    assert not vm.running
+

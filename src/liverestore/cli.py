@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from liverestore.cli_options import DELAY_MS
 from liverestore.errors import LiverestoreError
 from liverestore.names import vm_at_point
 
@@ -64,6 +65,11 @@ def cli(verbose: int, password_file: Path | None) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if verbose < 2:
+        # The QEMU driver turns every QMP failure into its own one-line error; the library would
+        # first log its view of the same failure ("Failed to establish session"), and warn of a
+        # late reply to a quit we stopped waiting for ("Unknown ID ..., message dropped").
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 @cli.command()
@@ -215,8 +221,8 @@ def list_cmd(repo_path: str, as_json: bool) -> None:
 @click.option("--control", default=None, help="Status endpoint HOST:PORT (default: 127.0.0.1, NBD port + 1).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Read-cache directory.")
 @click.option("--writable", is_flag=True, help="Accept writes into a copy-on-write area in the cache.")
-@click.option("--repo-latency-ms", type=float, default=0.0, help="Emulated latency per repository fetch.")
-@click.option("--repo-mbps", type=float, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
+@click.option("--repo-latency-ms", type=DELAY_MS, default=0.0, help="Emulated latency per repository fetch.")
+@click.option("--repo-mbps", type=DELAY_MS, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
 @click.option("--fetch-slots", type=int, default=None,
               help="Concurrent repository fetches (default: adapt to the link's latency and bandwidth).")  # fmt: skip
 @click.option("--readahead-mib", type=click.IntRange(min=0), default=None,
@@ -259,8 +265,6 @@ def serve(
     from liverestore.agent.nbd.tls import TlsPolicy, is_loopback, server_context
     from liverestore.agent.scheduler import Mode
 
-    if repo_latency_ms < 0 or repo_mbps < 0:
-        raise LiverestoreError("--repo-latency-ms and --repo-mbps must not be negative")
     if fetch_slots is not None and fetch_slots < 2:
         raise LiverestoreError("--fetch-slots must be at least 2 (one slot is kept for guest reads)")
     if point is not None and len(vms) > 1:

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from liverestore import profile as profiles
+from liverestore.cli_options import ACCELERATORS, DELAY_MS, GUEST_MEMORY_MIB, SECONDS, TIMEOUT_S
 from liverestore.errors import LiverestoreError
 from liverestore.mass_restore import MassRestore
 from liverestore.names import check_name, vm_at_point
@@ -74,8 +75,6 @@ def render_report(r: RestoreReport) -> str:
 def options_from(kw: dict[str, Any]) -> RestoreOptions:
     from liverestore.cli import default_data_dir
 
-    if kw["repo_latency_ms"] < 0 or kw["repo_mbps"] < 0:
-        raise LiverestoreError("--repo-latency-ms and --repo-mbps must not be negative")
     if kw.get("name"):
         check_name("VM", kw["name"])
     return RestoreOptions(
@@ -113,14 +112,14 @@ def parse_network_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--resume", is_flag=True, help="Finish an instant restore whose orchestrator was killed.")
 @click.option("--no-profile", is_flag=True, help="Ignore the stored boot profile.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--repo-latency-ms", type=float, default=0.0, help="Emulated latency per repository fetch.")
-@click.option("--repo-mbps", type=float, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
+@click.option("--repo-latency-ms", type=DELAY_MS, default=0.0, help="Emulated latency per repository fetch.")
+@click.option("--repo-mbps", type=DELAY_MS, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
 @click.option(
     "--boot-marker", default="", help="Serial console text meaning the guest is up (test VM: BOOT-OK)."
 )
-@click.option("--boot-window", type=float, default=20.0, show_default=True,
+@click.option("--boot-window", type=SECONDS, default=20.0, show_default=True,
               help="Without a marker: seconds after launch counted as boot (and recorded as its profile).")  # fmt: skip
-@click.option("--boot-quiet", type=float, default=8.0, show_default=True,
+@click.option("--boot-quiet", type=SECONDS, default=8.0, show_default=True,
               help="Without a marker or guest agent: the guest is up once its reads from backup pause this long.")  # fmt: skip
 @click.option("--hypervisor", default="auto", show_default=True,
               help="auto (libvirt when the point holds a domain definition and libvirt answers), qemu, "
@@ -134,11 +133,12 @@ def parse_network_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--agent-tls-creds", type=click.Path(path_type=Path), default=None,
               help="Run the VM's NBD connections over x509 TLS: a directory in QEMU's layout holding the CA, "
                    "server and client certificates and keys (qemu driver).")  # fmt: skip
-@click.option("--accel", default="tcg", show_default=True, help="QEMU accelerator (tcg or kvm; qemu driver).")
-@click.option("--memory", type=int, default=512, show_default=True,
+@click.option("--accel", type=ACCELERATORS, default="tcg", show_default=True, help="QEMU accelerator (qemu driver).")
+@click.option("--memory", type=GUEST_MEMORY_MIB, default=512, show_default=True,
               help="Guest memory in MiB for bare-disk backups (a stored definition brings its own).")  # fmt: skip
-@click.option("--stop-after", is_flag=True, help="Shut the VM down once restored (ACPI, then forced).")
-@click.option("--shutdown-timeout", type=float, default=60.0, show_default=True,
+@click.option("--stop-after", is_flag=True,
+              help="Shut the VM down once restored, or with --no-relocate once booted (ACPI, then forced).")  # fmt: skip
+@click.option("--shutdown-timeout", type=TIMEOUT_S, default=60.0, show_default=True,
               help="With --stop-after: seconds the guest gets to power off before it is forced off.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def restore(**kw: Any) -> None:
@@ -163,7 +163,7 @@ def restore(**kw: Any) -> None:
                 return report
             job = InstantRestore(repo, opts, show)
             report = await (job.resume() if kw["resume"] else job.run())
-            if not opts.relocate:
+            if not opts.relocate and not kw["stop_after"]:
                 click.echo(
                     f"VM is running from backup; serial log {report.serial_log}. Ctrl-C stops it.", err=True
                 )
@@ -198,7 +198,7 @@ def restore_several(vms: tuple[str, ...], kw: dict[str, Any]) -> None:
                 raise
             relocated = options[0].relocate
             try:
-                if not relocated and any(isinstance(r, RestoreReport) for r in results):
+                if not relocated and not kw["stop_after"] and any(isinstance(r, RestoreReport) for r in results):
                     click.echo("VMs are running from backup. Ctrl-C stops them.", err=True)
                     while any(r.vm is not None and r.vm.running for r in job.restores):
                         await asyncio.sleep(1)
@@ -265,8 +265,8 @@ def profile_clear(repo_path: str, vm: str) -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--work-dir", type=click.Path(path_type=Path), required=True, help="Scratch space for the VM.")
 @click.option("--boot-marker", default="", help="Serial console text meaning the guest is up.")
-@click.option("--boot-window", type=float, default=20.0, show_default=True)
-@click.option("--accel", default="tcg", show_default=True)
+@click.option("--boot-window", type=SECONDS, default=20.0, show_default=True)
+@click.option("--accel", type=ACCELERATORS, default="tcg", show_default=True)
 def profile_record(**kw: Any) -> None:
     """Boot the VM from backup once (no relocation), record its boot reads, power it off."""
     repo = Repository.open(kw["repo_path"])

@@ -20,10 +20,12 @@ from typing import Any
 import click
 
 from liverestore.backup import run_backup
+from liverestore.cli_options import ACCELERATORS, DELAY_MS
 from liverestore.commands_restore import render_report, run_cancellable
 from liverestore.errors import LiverestoreError
 from liverestore.progress import restore_display
 from liverestore.repository import Repository
+from liverestore.repository.manifest import check_block_size
 from liverestore.restore import InstantRestore, RestoreOptions, RestoreReport
 from liverestore.testvm import build_test_vm
 from liverestore.testvm.domain import make_domain_xml
@@ -144,14 +146,14 @@ def _show_domain() -> str:
 @click.option(
     "--data-dir", type=click.Path(path_type=Path), default=None, help="Where the demo keeps its files."
 )
-@click.option("--repo-latency-ms", type=float, default=10.0, show_default=True,
+@click.option("--repo-latency-ms", type=DELAY_MS, default=10.0, show_default=True,
               help="Emulated repository latency per fetch.")  # fmt: skip
-@click.option("--repo-mbps", type=float, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
+@click.option("--repo-mbps", type=DELAY_MS, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
 @click.option("--block-size", default="64K", show_default=True, help="Repository block size.")
 @click.option("--disk-size", default="1G", show_default=True, help="Virtual size of the test VM's disk.")
 @click.option("--hypervisor", type=click.Choice(["auto", "libvirt", "qemu"]), default="auto", show_default=True,
               help="auto: libvirt where it answers (as root), else plain QEMU.")  # fmt: skip
-@click.option("--accel", default="tcg", show_default=True)
+@click.option("--accel", type=ACCELERATORS, default="tcg", show_default=True)
 def demo(
     data_dir: Path | None,
     repo_latency_ms: float,
@@ -170,6 +172,10 @@ def demo(
     # libvirt's QEMU runs as libvirt-qemu: keep the demo's disks where it can reach them
     base = data_dir or (Path("/var/lib/liverestore/demo") if use_libvirt else default_data_dir() / "demo")
     bs, size = parse_size(block_size), parse_size(disk_size)
+    try:  # before the test VM is built: a bad size should not cost its build first
+        check_block_size(bs)
+    except ValueError as e:
+        raise LiverestoreError(str(e)) from None
     if use_libvirt:
         _forget_demo_domain()
     for stale in ("repo", "cache", "dest-1", "dest-2", "images"):
@@ -179,7 +185,8 @@ def demo(
         if p.exists() and not p.stat().st_mode & 0o001:
             p.chmod(p.stat().st_mode | 0o001)  # searchable, so libvirt's QEMU reaches the disks
 
-    driver = "libvirt (qemu:///system)" if use_libvirt else "plain QEMU (libvirt not reachable as root)"
+    driver = ("libvirt (qemu:///system)" if use_libvirt else
+              "plain QEMU" + (" (libvirt not reachable as root)" if hypervisor == "auto" else ""))  # fmt: skip
     echo(f"hypervisor: {driver}")
     t = time.monotonic()
     image = build_test_vm(base / "images" / f"{DEMO_VM}-vda.raw", size=size, payload_mb=90, cold_mb=100)

@@ -746,15 +746,26 @@ class InstantRestore:
                 await self.vm.close()
 
     async def close(self, stop_vm: bool = True, shutdown_timeout: float = 0) -> None:
-        """Release the agent; stop the VM (ACPI first when ``shutdown_timeout``) or leave it running."""
-        await self.release_agent()
-        if self.vm is None:
-            return
-        if stop_vm and shutdown_timeout > 0:
-            await self.vm.shutdown(shutdown_timeout)
-        elif stop_vm:
-            await self.vm.stop()
-        await self.vm.close()
+        """Stop the VM (ACPI first when ``shutdown_timeout``) or leave it running, then release the
+        agent. In that order: a VM not relocated (``--no-relocate``) still reads its disks from the
+        agent while its guest shuts down, and a guest whose disks vanish under it fails its reads.
+        Interrupted while the guest takes its time, a VM still on the backup is forced off (its
+        agent is about to go); a relocated one is left running on primary storage."""
+        try:
+            if self.vm is not None and stop_vm:
+                try:
+                    if shutdown_timeout > 0:
+                        await self.vm.shutdown(shutdown_timeout)
+                    else:
+                        await self.vm.stop()
+                except asyncio.CancelledError:
+                    if not self.report.relocated:
+                        await self.vm.stop()
+                    raise
+        finally:
+            await self.release_agent()
+            if self.vm is not None:
+                await self.vm.close()
 
 
 async def wait_for_boot(vm: Hypervisor, reads: Metrics | None, opts: RestoreOptions,

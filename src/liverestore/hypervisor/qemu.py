@@ -188,16 +188,32 @@ class QemuVM:
                     await self.qmp.disconnect()
                 self.qmp = None
                 if not isinstance(e.exc, GreetingError) or attempt == _QMP_CONNECT_ATTEMPTS:
+                    if await self._exited_soon():  # opened its socket, then refused an option and quit
+                        raise LiverestoreError(f"QEMU failed to start: {self._stderr_tail()}") from None
                     raise LiverestoreError(f"cannot talk to QEMU over {self.qmp_path}: {e}") from None
                 log.info("QEMU's QMP greeting was garbled (%s); reconnecting", e.exc)
                 await asyncio.sleep(0.1 * attempt)
 
+    async def _exited_soon(self, within_s: float = 2.0) -> bool:
+        """Whether the QEMU we launched has exited or does within ``within_s``."""
+        if self.proc is None:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), within_s)
+        return not self.running
+
     def _stderr_tail(self) -> str:
+        """QEMU's own error: the first line it prefixes with its name ("qemu-system-x86_64: -m -5:
+        Parameter 'size' expects ..."), not the last line of a message that wraps, nor a warning
+        printed before it; else the last line."""
         try:
             lines = self._stderr_path.read_text(errors="replace").strip().splitlines()
         except OSError:
             return "no output"
-        return lines[-1] if lines else f"exit code {self.proc.returncode if self.proc else '?'}"
+        if not lines:
+            return f"exit code {self.proc.returncode if self.proc else '?'}"
+        errors = (line for line in lines if line.startswith("qemu-system-") and ": warning: " not in line)
+        return next(errors, lines[-1])
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         if self.qmp is None:
