@@ -109,6 +109,14 @@ def test_bad_option_values_are_refused_before_anything_starts(tmp_path: Path, op
     assert subprocess.run(["pgrep", "-f", str(dest)], capture_output=True).returncode == 1
 
 
+def test_s3_repository_without_credentials_is_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(HOME=str(tmp_path), AWS_ENDPOINT_URL="http://127.0.0.1:1")  # no ~/.aws, nothing reached
+    r = subprocess.run([*LR, "list", "--repo", "s3://lrbucket/p"], capture_output=True, text=True, timeout=60,
+                       env=env)  # fmt: skip
+    assert_one_line_error(r, "no S3 credentials for s3://lrbucket/p: set AWS_ACCESS_KEY_ID")
+
+
 def test_demo_checks_its_block_size_before_building_the_vm(tmp_path: Path) -> None:
     r = lr("demo", "--hypervisor", "qemu", "--data-dir", str(tmp_path / "d"), "--block-size", "5K", check=False)
     assert_one_line_error(r, "block size 5120 is invalid")

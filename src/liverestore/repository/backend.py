@@ -217,6 +217,11 @@ class S3Backend:
         self.prefix = prefix.strip("/")
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
         session = boto3.Session()
+        if session.get_credentials() is None:  # else obstore's provider fails with a bare ValueError
+            raise RepositoryError(
+                f"no S3 credentials for {self.location}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "or AWS_PROFILE with ~/.aws/credentials"
+            )
         self.client = client or session.client("s3", config=Config(
             max_pool_connections=64, retries={"max_attempts": 2, "mode": "standard"},
             connect_timeout=5, read_timeout=30,
