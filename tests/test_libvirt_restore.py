@@ -25,6 +25,7 @@ from liverestore.restore import InstantRestore, RestoreOptions, state_path
 from liverestore.testvm.domain import make_domain_xml
 from tests.helpers import MiB, make_disk
 from tests.libvirtfixtures import domain_state, read_console_until, unique_name, virsh
+from tests.test_e2e_restore import fill_destination_mid_relocation
 from tests.vmfixtures import VmBackup
 
 MAC = "52:54:00:4c:52:2a"
@@ -314,3 +315,20 @@ def test_restore_under_a_new_name_runs_beside_the_original_identity(
            "BOOT-OK")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert virsh("domiflist", copy).strip() == "" and virsh("domuuid", copy).strip() != first_uuid
+
+
+def test_destination_filling_up_mid_relocation_keeps_the_domain_running(
+    domain_backup: DomainBackup, domains: list[str]
+) -> None:
+    """As under plain QEMU (test_e2e_restore): a block copy that hits a full destination fails,
+    the domain runs on from the backup (resumed from its I/O-error pause), and the copy starts
+    over once there is room, then pivots; the domain is left defined on its local disks (the
+    helper stops it at the end)."""
+    name = unique_name("enospc")
+    domains.append(name)
+    base = domain_backup.base / name
+    base.mkdir(mode=0o755)
+    fill_destination_mid_relocation(Repository.open(domain_backup.repo), domain_backup.name, name, base, "libvirt")
+    xml = virsh("dumpxml", name)
+    assert domain_state(name) == "shut off" and "nbd" not in xml and str(base / "small" / "primary") in xml
+

@@ -54,6 +54,9 @@ from liverestore.writeback import start_writeback
 
 log = logging.getLogger("liverestore.restore")
 
+RELOCATION_RETRY_S = 5.0  # after a failed relocation: first look at the destination's free space
+RELOCATION_RETRY_MAX_S = 60.0  # then doubling up to this, while it stays full
+
 
 @dataclass
 class RestoreOptions:
@@ -137,6 +140,7 @@ class RestoreReport:
     fetched_by_class: dict[str, int] = field(default_factory=dict)
     destinations: dict[str, str] = field(default_factory=dict)
     relocated: bool = False
+    relocation_failures: list[str] = field(default_factory=list)  # each ended a try; the VM ran on
     serial_log: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -220,12 +224,17 @@ def _prepare_dest(dest: Path, point: RestorePoint, placement: Placement) -> None
             raise LiverestoreError(
                 f"{path} already exists; refusing to overwrite a disk (move it away first)"
             )
-    need = sum(d.allocated for d in point.record.disks)
-    free = os.statvfs(dest).f_bavail * os.statvfs(dest).f_frsize
+    free, need = _room(dest, point)
     if free < need:
         raise LiverestoreError(
             f"destination {dest} has {free / 2**20:.0f} MiB free; the disks need {need / 2**20:.0f} MiB"
         )
+
+
+def _room(dest: Path, point: RestorePoint) -> tuple[int, int]:
+    """Bytes free on the destination, and bytes the point's disks hold."""
+    st = os.statvfs(dest)
+    return st.f_bavail * st.f_frsize, sum(d.allocated for d in point.record.disks)
 
 
 def _pwrite_at(fd: int, offset: int, data: bytes) -> None:
@@ -560,15 +569,40 @@ class InstantRestore:
         assert self.vm is not None and self._placement is not None
         # relocate: set 3
         self._enter("relocate")
-        if restart_mirror:
-            await self.vm.start_relocation(self._placement.relocated, self.opts.dest_format)
-        self._save_state("relocating")
+        scheduled = False
+        while True:
+            try:
+                if restart_mirror:
+                    await self.vm.start_relocation(self._placement.relocated, self.opts.dest_format)
+                self._save_state("relocating")
+                if not scheduled:
+                    self._schedule_relocation()
+                    scheduled = True
+                await self._mirror_until_ready()
+                break
+            except LiverestoreError as e:
+                if not self.vm.running:
+                    raise
+                await self._relocation_failed(e)
+                restart_mirror = True
+
+        # pivot
+        self._enter("pivot")
+        await self._pivot()
+
+    def _schedule_relocation(self) -> None:
+        """Set 2 gives way; guest reads and set 3, a window ahead of the mirror, share the slots."""
+        assert self.agent is not None and self.served is not None
         self.agent.scheduler.cancel_queued(FetchClass.PREFETCH, self.point.id)
         self.agent.set_mode(Mode.FAIR, self.point)
         log.info("%s: scheduler fair for its point: guest reads and relocation copies share the repository",
                  self.name)  # fmt: skip
         for e in self.served.exports.values() if self.opts.relocation_prefetch else ():
             self._tasks.append(asyncio.create_task(RelocationPrefetcher(e).run()))
+
+    async def _mirror_until_ready(self) -> None:
+        """Follow the copies until every one is ready to pivot; a failed one raises."""
+        assert self.vm is not None
         targets = self.vm.relocation_targets()
         writeback: asyncio.Future[int] | None = None
         while True:
@@ -585,8 +619,41 @@ class InstantRestore:
                 raise LiverestoreError("the VM stopped during relocation")
             await asyncio.sleep(0.2)
 
-        # pivot
-        self._enter("pivot")
+    async def _relocation_failed(self, error: LiverestoreError) -> None:
+        """A relocation that fails (a destination that filled up, a failing disk) does not take
+        the VM with it: the guest has run from the backup since launch, and stopping it would
+        lose what it wrote since and take it down a second time. The copies are cancelled and
+        their partial files removed, the VM goes on reading through the agent (a guest paused on
+        a write the full disk refused runs again), and once the destination has room for the
+        disks, relocation starts over, most of its blocks in the read-cache by then. Ctrl-C
+        still stops the VM, as before a relocation."""
+        assert self.vm is not None
+        self.report.relocation_failures.append(str(error))
+        log.warning("%s; %s keeps running from the backup, and its relocation starts again once %s has room "
+                    "for its disks (Ctrl-C stops the VM)", error, self.name, self.opts.dest)  # fmt: skip
+        await self.vm.abort_relocation()
+        self._relocation_fraction = 0.0
+        try:
+            self._save_state("running-from-backup")
+        except OSError as e:  # the full disk may refuse this too: the VM matters more
+            log.warning("cannot record the restore's state in %s: %s", self.opts.dest, e.strerror)
+        delay = RELOCATION_RETRY_S
+        while True:
+            await asyncio.sleep(delay)
+            if not self.vm.running:
+                raise LiverestoreError(f"the VM stopped while its relocation waited to start again ({error})")
+            free, need = _room(self.opts.dest, self.point)
+            if free < need:
+                delay = min(2 * delay, RELOCATION_RETRY_MAX_S)
+                continue
+            if await self.vm.resume_after_io_error():
+                log.warning("%s was paused on a write its full disk refused; it runs again", self.name)
+            log.warning("%s: starting its relocation again (%d failed so far)", self.name,
+                        len(self.report.relocation_failures))  # fmt: skip
+            return
+
+    async def _pivot(self) -> None:
+        assert self.vm is not None and self._placement is not None and self.served is not None
         await self.vm.pivot()
         self.report.destinations = {n: str(p) for n, p in {**self._placement.relocated,
                                                            **self._placement.copied}.items()}  # fmt: skip

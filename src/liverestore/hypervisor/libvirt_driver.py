@@ -381,6 +381,16 @@ class LibvirtVM:
         await self._call(self._conn().defineXML, render_domain(self.spec, sources, nvram=self.nvram))
         log.info("domain %s is defined on its local disks and keeps running", self.spec.name)
 
+    async def resume_after_io_error(self) -> bool:
+        lv = libvirt_module()
+        if not self.running:
+            return False
+        state, reason = await self._call(self.dom.state)
+        if state != lv.VIR_DOMAIN_PAUSED or reason != lv.VIR_DOMAIN_PAUSED_IOERROR:
+            return False
+        await self._call(self.dom.resume)
+        return True
+
     async def abort_relocation(self) -> None:
         for d in self._from_backup():
             with contextlib.suppress(LiverestoreError):

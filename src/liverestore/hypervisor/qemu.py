@@ -399,12 +399,31 @@ class QemuVM:
         }]})  # fmt: skip
         await self.execute("blockdev-del", {"node-name": old})
 
+    async def resume_after_io_error(self) -> bool:
+        if not self.running or self.qmp is None:
+            return False
+        status = await self.execute("query-status")
+        if status.get("status") != "io-error":
+            return False
+        await self.execute("cont")
+        return True
+
     async def abort_relocation(self) -> None:
         """Cancel mirrors; the VM keeps running from the agent and the destinations are removed."""
         for d in self._from_backup():
             with contextlib.suppress(LiverestoreError):
                 await self.execute("block-job-cancel", {"device": f"reloc-{d.name}", "force": True})
-        await asyncio.sleep(0.2)
+        # A cancel takes effect later: a job still running holds its target nodes, and deleting
+        # them fails (a relocation started again then met "Duplicate nodes"). One mirror failing
+        # (its disk's copy hit a full destination) leaves the others running until then.
+        ids = {f"reloc-{d.name}" for d in self._from_backup()}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(LiverestoreError):
+                jobs = {j["device"]: j for j in await self.execute("query-block-jobs")}
+                if all(jobs.get(i) is None or jobs[i]["status"] == "concluded" for i in ids):
+                    break
+            await asyncio.sleep(0.1)
         for d in self._from_backup():
             with contextlib.suppress(LiverestoreError):
                 await self.execute("job-dismiss", {"id": f"reloc-{d.name}"})
