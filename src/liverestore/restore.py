@@ -55,7 +55,7 @@ from liverestore.writeback import start_writeback
 log = logging.getLogger("liverestore.restore")
 
 RELOCATION_RETRY_S = 5.0  # after a failed relocation: first look at the destination's free space
-RELOCATION_RETRY_MAX_S = 60.0  # then doubling up to this, while it stays full
+RELOCATION_RETRY_MAX_S = 60.0  # then doubling up to this, while it stays full or the copies keep failing
 
 
 @dataclass
@@ -629,21 +629,24 @@ class InstantRestore:
         still stops the VM, as before a relocation."""
         assert self.vm is not None
         self.report.relocation_failures.append(str(error))
-        log.warning("%s; %s keeps running from the backup, and its relocation starts again once %s has room "
-                    "for its disks (Ctrl-C stops the VM)", error, self.name, self.opts.dest)  # fmt: skip
+        # a failure that room does not cure (a chunk the backup lost) comes back: later each time
+        delay = min(RELOCATION_RETRY_S * 2 ** (len(self.report.relocation_failures) - 1), RELOCATION_RETRY_MAX_S)
+        log.warning("%s; %s keeps running from the backup, and its relocation starts again in %.0f s, or once %s "
+                    "has room for its disks (Ctrl-C stops the VM)", error, self.name, delay, self.opts.dest)  # fmt: skip
         await self.vm.abort_relocation()
         self._relocation_fraction = 0.0
         try:
             self._save_state("running-from-backup")
         except OSError as e:  # the full disk may refuse this too: the VM matters more
             log.warning("cannot record the restore's state in %s: %s", self.opts.dest, e.strerror)
-        delay = RELOCATION_RETRY_S
         while True:
             await asyncio.sleep(delay)
             if not self.vm.running:
                 raise LiverestoreError(f"the VM stopped while its relocation waited to start again ({error})")
             free, need = _room(self.opts.dest, self.point)
             if free < need:
+                log.warning("%s: %s has %.0f MiB free, its disks need %.0f MiB; still running from the backup",
+                            self.name, self.opts.dest, free / 2**20, need / 2**20)  # fmt: skip
                 delay = min(2 * delay, RELOCATION_RETRY_MAX_S)
                 continue
             if await self.vm.resume_after_io_error():
