@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from liverestore import restore as restore_module
+from liverestore.commands_restore import render_report
 from liverestore.hypervisor.base import Hypervisor
 from liverestore.hypervisor.qemu import QemuVM
 from liverestore.repository import Repository
@@ -119,6 +120,7 @@ def test_destination_filling_up_mid_relocation_keeps_the_vm_running(vm_backup: V
     its guest had written was lost. (Under libvirt: test_libvirt_restore.)"""
     report = fill_destination_mid_relocation(vm_backup.open_repo(), "testvm", "testvm", tmp_path, "qemu")
     assert "No space left on device" in report.relocation_failures[0]
+    assert "relocation failed 1 time(s) and started again" in render_report(report)
 
 
 def fill_destination_mid_relocation(repo: Repository, vm: str, name: str, base: Path, driver: str) -> RestoreReport:

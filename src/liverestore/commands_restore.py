@@ -67,6 +67,9 @@ def render_report(r: RestoreReport) -> str:
             + (f" ({r.cache_blocks_at_start} blocks already cached: hit rates say little about the profile)"
                if r.cache_start == "warm" else "")
         )  # fmt: skip
+    if r.relocation_failures:
+        lines.append(f"  relocation failed {len(r.relocation_failures)} time(s) and started again; the VM ran on "
+                     f"from the backup meanwhile (last: {r.relocation_failures[-1]})")  # fmt: skip
     for disk, path in r.destinations.items():
         lines.append(f"  disk {disk}: {path}")
     return "\n".join(lines)
