@@ -331,4 +331,3 @@ def test_destination_filling_up_mid_relocation_keeps_the_domain_running(
     fill_destination_mid_relocation(Repository.open(domain_backup.repo), domain_backup.name, name, base, "libvirt")
     xml = virsh("dumpxml", name)
     assert domain_state(name) == "shut off" and "nbd" not in xml and str(base / "small" / "primary") in xml
-

@@ -146,4 +146,3 @@ def test_qemu_refusing_an_option_is_named_in_the_error(tmp_path: Path) -> None:
                               [DiskAttachment(name="vda", size=disk.stat().st_size, local_path=disk)]))  # fmt: skip
     assert str(e.value).startswith("QEMU failed to start: qemu-system-x86_64: -accel nosuchaccel"), str(e.value)
     assert not vm.running
-
