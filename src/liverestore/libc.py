@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from typing import Any
 
 
@@ -20,6 +21,12 @@ def libc_function(name: str, argtypes: list[Any], restype: Any) -> Any | None:
         return None
     fn.argtypes, fn.restype = argtypes, restype
     return fn
+
+
+def last_error() -> OSError:
+    """The error a function from ``libc_function`` just reported through errno, as ``os`` raises it."""
+    code = ctypes.get_errno()
+    return OSError(code, os.strerror(code))
 
 
 SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4  # sync_file_range(2) flags

@@ -8,7 +8,6 @@ does not hold — after ``kill -9`` or a power cut the worst case is refetching 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import struct
@@ -22,6 +21,7 @@ from liverestore.libc import (
     SYNC_FILE_RANGE_WAIT_AFTER,
     SYNC_FILE_RANGE_WAIT_BEFORE,
     SYNC_FILE_RANGE_WRITE,
+    last_error,
     sync_file_range,
 )
 from liverestore.repository.backend import write_atomically
@@ -116,8 +116,7 @@ class BlockFile:
             for offset, length in spans:
                 flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
                 if sync_file_range(self.fd, offset, length, flags) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, os.strerror(err))
+                    raise last_error()
                 os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def persist(self) -> None:

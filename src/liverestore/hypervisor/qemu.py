@@ -188,19 +188,12 @@ class QemuVM:
                     await self.qmp.disconnect()
                 self.qmp = None
                 if not isinstance(e.exc, GreetingError) or attempt == _QMP_CONNECT_ATTEMPTS:
-                    if await self._exited_soon():  # opened its socket, then refused an option and quit
+                    # it opened its socket, then refused an option and quit
+                    if self.proc is not None and await wait_until_stopped(lambda: self.running, 2.0):
                         raise LiverestoreError(f"QEMU failed to start: {self._stderr_tail()}") from None
                     raise LiverestoreError(f"cannot talk to QEMU over {self.qmp_path}: {e}") from None
                 log.info("QEMU's QMP greeting was garbled (%s); reconnecting", e.exc)
                 await asyncio.sleep(0.1 * attempt)
-
-    async def _exited_soon(self, within_s: float = 2.0) -> bool:
-        """Whether the QEMU we launched has exited or does within ``within_s``."""
-        if self.proc is None:
-            return False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.proc.wait(), within_s)
-        return not self.running
 
     def _stderr_tail(self) -> str:
         """QEMU's own error: the first line it prefixes with its name ("qemu-system-x86_64: -m -5:

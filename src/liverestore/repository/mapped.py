@@ -31,7 +31,7 @@ import mmap
 import os
 from collections.abc import Iterator
 
-from liverestore.libc import libc_function
+from liverestore.libc import last_error, libc_function
 
 MAP_MIN_BYTES = 256 * 1024  # below this a copy is cheaper than mmap + madvise + munmap
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux's value; Python 3.11 lacks the name
@@ -101,8 +101,7 @@ def _populate(m: mmap.mmap, length: int) -> None:
     address = ctypes.addressof(anchor)
     del anchor  # the export ends here; the mapping stays until ``m`` is closed
     if _madvise(address, length, _MADV_POPULATE_READ) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+        raise last_error()
 
 
 def _pread_all(fd: int, offset: int, length: int) -> bytes:
