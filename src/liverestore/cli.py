@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from liverestore.cli_options import DELAY_MS
+from liverestore.cli_options import NOT_NEGATIVE
 from liverestore.errors import LiverestoreError
 from liverestore.names import vm_at_point
 
@@ -221,8 +221,8 @@ def list_cmd(repo_path: str, as_json: bool) -> None:
 @click.option("--control", default=None, help="Status endpoint HOST:PORT (default: 127.0.0.1, NBD port + 1).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Read-cache directory.")
 @click.option("--writable", is_flag=True, help="Accept writes into a copy-on-write area in the cache.")
-@click.option("--repo-latency-ms", type=DELAY_MS, default=0.0, help="Emulated latency per repository fetch.")
-@click.option("--repo-mbps", type=DELAY_MS, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
+@click.option("--repo-latency-ms", type=NOT_NEGATIVE, default=0.0, help="Emulated latency per repository fetch.")
+@click.option("--repo-mbps", type=NOT_NEGATIVE, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
 @click.option("--fetch-slots", type=int, default=None,
               help="Concurrent repository fetches (default: adapt to the link's latency and bandwidth).")  # fmt: skip
 @click.option("--readahead-mib", type=click.IntRange(min=0), default=None,

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from liverestore import profile as profiles
-from liverestore.cli_options import ACCELERATORS, DELAY_MS, GUEST_MEMORY_MIB, SECONDS, TIMEOUT_S
+from liverestore.cli_options import ACCELERATORS, GUEST_MEMORY_MIB, NOT_NEGATIVE, SECONDS
 from liverestore.errors import LiverestoreError
 from liverestore.mass_restore import MassRestore
 from liverestore.names import check_name, vm_at_point
@@ -115,8 +115,8 @@ def parse_network_map(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--resume", is_flag=True, help="Finish an instant restore whose orchestrator was killed.")
 @click.option("--no-profile", is_flag=True, help="Ignore the stored boot profile.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--repo-latency-ms", type=DELAY_MS, default=0.0, help="Emulated latency per repository fetch.")
-@click.option("--repo-mbps", type=DELAY_MS, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
+@click.option("--repo-latency-ms", type=NOT_NEGATIVE, default=0.0, help="Emulated latency per repository fetch.")
+@click.option("--repo-mbps", type=NOT_NEGATIVE, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
 @click.option(
     "--boot-marker", default="", help="Serial console text meaning the guest is up (test VM: BOOT-OK)."
 )
@@ -141,7 +141,7 @@ def parse_network_map(pairs: tuple[str, ...]) -> dict[str, str]:
               help="Guest memory in MiB for bare-disk backups (a stored definition brings its own).")  # fmt: skip
 @click.option("--stop-after", is_flag=True,
               help="Shut the VM down once restored, or with --no-relocate once booted (ACPI, then forced).")  # fmt: skip
-@click.option("--shutdown-timeout", type=TIMEOUT_S, default=60.0, show_default=True,
+@click.option("--shutdown-timeout", type=NOT_NEGATIVE, default=60.0, show_default=True,
               help="With --stop-after: seconds the guest gets to power off before it is forced off.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def restore(**kw: Any) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from liverestore.backup import run_backup
-from liverestore.cli_options import ACCELERATORS, DELAY_MS
+from liverestore.cli_options import ACCELERATORS, NOT_NEGATIVE
 from liverestore.commands_restore import render_report, run_cancellable
 from liverestore.errors import LiverestoreError
 from liverestore.progress import restore_display
@@ -146,9 +146,9 @@ def _show_domain() -> str:
 @click.option(
     "--data-dir", type=click.Path(path_type=Path), default=None, help="Where the demo keeps its files."
 )
-@click.option("--repo-latency-ms", type=DELAY_MS, default=10.0, show_default=True,
+@click.option("--repo-latency-ms", type=NOT_NEGATIVE, default=10.0, show_default=True,
               help="Emulated repository latency per fetch.")  # fmt: skip
-@click.option("--repo-mbps", type=DELAY_MS, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
+@click.option("--repo-mbps", type=NOT_NEGATIVE, default=0.0, help="Emulated repository bandwidth (Mbit/s).")
 @click.option("--block-size", default="64K", show_default=True, help="Repository block size.")
 @click.option("--disk-size", default="1G", show_default=True, help="Virtual size of the test VM's disk.")
 @click.option("--hypervisor", type=click.Choice(["auto", "libvirt", "qemu"]), default="auto", show_default=True,
