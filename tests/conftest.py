@@ -10,7 +10,7 @@ from liverestore.backup import run_backup
 from liverestore.repository import Repository, RestorePoint
 from tests.helpers import AgentThread, make_disk
 
-pytest_plugins = ["tests.vmfixtures", "tests.libvirtfixtures", "tests.s3fixtures"]
+pytest_plugins = ["tests.libvirtfixtures", "tests.vmfixtures", "tests.s3fixtures"]  # vmfixtures imports libvirtfixtures
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

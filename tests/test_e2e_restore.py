@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -17,14 +16,10 @@ import pytest
 
 from liverestore import restore as restore_module
 from liverestore.commands_restore import render_report
-from liverestore.hypervisor.base import Hypervisor
-from liverestore.hypervisor.qemu import QemuVM
-from liverestore.repository import Repository
 from liverestore.restore import InstantRestore, RestoreOptions, RestoreReport, state_path
 from liverestore.writeback import start_writeback
 from tests.helpers import MiB
-from tests.libvirtfixtures import virsh
-from tests.vmfixtures import VmBackup, backup_digest, boot_local, extract
+from tests.vmfixtures import VmBackup, backup_digest, boot_local, extract, fill_destination_mid_relocation
 
 CHUNK = 64 * 1024
 
@@ -121,75 +116,6 @@ def test_destination_filling_up_mid_relocation_keeps_the_vm_running(vm_backup: V
     report = fill_destination_mid_relocation(vm_backup.open_repo(), "testvm", "testvm", tmp_path, "qemu")
     assert "No space left on device" in report.relocation_failures[0]
     assert "relocation failed 1 time(s) and started again" in render_report(report)
-
-
-def fill_destination_mid_relocation(repo: Repository, vm: str, name: str, base: Path, driver: str) -> RestoreReport:
-    """Restore ``vm`` as ``name`` onto a tmpfs in ``base`` just big enough for its disks; fill
-    it once the copies have started, and again once they failed and the VM runs on (its guest's
-    next write is refused and the hypervisor pauses it); free it. Returns the report of the
-    restore, which must have relocated after exactly one failure, the guest alive throughout."""
-    point = repo.get_point(vm)
-    need = sum(d.allocated for d in point.record.disks)
-    mnt = base / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need + 48 * MiB},mode=0755", "tmpfs", str(mnt)], check=True)
-    dest, filler = mnt / "primary", mnt / "filler"
-    opts = RestoreOptions(vm=vm, dest=dest, cache_dir=base / "cache", repo_mbps=200, use_profile=False,
-                          record_profile=False, boot_marker="BOOT-OK", hypervisor=driver, name=name)  # fmt: skip
-
-    def fill() -> None:
-        with open(filler, "wb") as f, contextlib.suppress(OSError):  # until the file system is full
-            while True:
-                f.write(b"\xff" * MiB)
-                f.flush()
-
-    async def paused_on_io_error(vm: Hypervisor) -> bool:
-        if isinstance(vm, QemuVM):  # QEMU's werror=enospc
-            return bool((await vm.execute("query-status"))["status"] == "io-error")
-        return "I/O error" in virsh("domstate", name, "--reason")
-
-    async def go() -> tuple[RestoreReport, str]:
-        job = InstantRestore(repo, opts)
-        run = asyncio.create_task(job.run())
-        try:
-            while not list(dest.glob(f"{name}-*")):  # the copies have started
-                assert not run.done(), run
-                await asyncio.sleep(0.1)
-            await asyncio.to_thread(fill)
-            while json.loads(state_path(dest, name).read_text())["state"] != "running-from-backup":
-                assert not run.done(), run  # the copies failed, were removed, and the VM runs on
-                await asyncio.sleep(0.2)
-            vm = job.vm
-            assert vm is not None and vm.running and job.report.relocation_failures
-            assert not list(dest.glob(f"{name}-*"))
-            await asyncio.to_thread(fill)  # full again, and now the guest's own write is refused
-            mark = len(vm.serial_output())
-            await vm.send_console("write")
-            deadline = time.monotonic() + 90
-            while not await paused_on_io_error(vm):
-                assert time.monotonic() < deadline, "the guest's write never met the full disk"
-                await asyncio.sleep(0.2)
-            filler.unlink()
-            report = await asyncio.wait_for(run, 300)
-            await vm.wait_for_console("WRITE-OK", 120, start=mark)  # its write went through after all
-            assert vm.running
-            mark = len(vm.serial_output())
-            await vm.send_console("verify")  # every payload file re-read, from the relocated disk
-            await vm.wait_for_console("VERIFY-OK", 120, start=mark)
-            return report, vm.serial_output()
-        finally:
-            if not run.done():
-                run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
-            await job.close()
-
-    try:
-        report, serial = asyncio.run(go())
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-    assert report.relocated and len(report.relocation_failures) == 1, report.relocation_failures
-    assert "BOOT-FAIL" not in serial and "VERIFY-FAIL" not in serial
-    return report
 
 
 def test_profile_makes_boot_fast_on_a_slow_repository(vm_backup: VmBackup, tmp_path: Path) -> None:

@@ -25,8 +25,7 @@ from liverestore.restore import InstantRestore, RestoreOptions, state_path
 from liverestore.testvm.domain import make_domain_xml
 from tests.helpers import MiB, make_disk
 from tests.libvirtfixtures import domain_state, read_console_until, unique_name, virsh
-from tests.test_e2e_restore import fill_destination_mid_relocation
-from tests.vmfixtures import VmBackup
+from tests.vmfixtures import VmBackup, fill_destination_mid_relocation
 
 MAC = "52:54:00:4c:52:2a"
 MEMORY_KIB = 768 * 1024
