@@ -333,9 +333,12 @@ class QemuVM:
     def relocation_targets(self) -> list[Path]:
         return [self._staging(d.name) for d in self._from_backup() if d.name in self.destinations]
 
+    async def _block_jobs(self) -> dict[str, Any]:
+        """QEMU's block jobs by id."""
+        return {j["device"]: j for j in await self.execute("query-block-jobs")}
+
     async def relocation_progress(self, raise_on_failure: bool = True) -> list[JobProgress]:
-        jobs = await self.execute("query-block-jobs")
-        by_id = {j["device"]: j for j in jobs}
+        by_id = await self._block_jobs()
         out = []
         for d in self._from_backup():
             j = by_id.get(f"reloc-{d.name}")
@@ -355,7 +358,7 @@ class QemuVM:
         deadline = time.monotonic() + 60
         pending = {f"reloc-{d.name}" for d in self._from_backup()}
         while pending:
-            jobs = {j["device"]: j for j in await self.execute("query-block-jobs")}
+            jobs = await self._block_jobs()
             for job_id in list(pending):
                 j = jobs.get(job_id)
                 if j is None or j["status"] == "concluded":
@@ -413,7 +416,7 @@ class QemuVM:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             with contextlib.suppress(LiverestoreError):
-                jobs = {j["device"]: j for j in await self.execute("query-block-jobs")}
+                jobs = await self._block_jobs()
                 if all(jobs.get(i) is None or jobs[i]["status"] == "concluded" for i in ids):
                     break
             await asyncio.sleep(0.1)
