@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from liverestore.agent.blockfile import BlockFile
+from liverestore.agent.export import CachedBlock
 from liverestore.agent.nbd import server as nbd_server
+from liverestore.agent.prometheus import exposition
 from liverestore.agent.scheduler import FetchClass, Mode
+from liverestore.agent.source import Fetched, RepositorySource, SharedChunks, ThrottledSource
 from liverestore.backup import run_backup
 from liverestore.repository import Repository, RestorePoint
 from tests.conftest import AgentFactory
-from tests.helpers import make_disk
+from tests.helpers import AgentThread, make_disk
 from tests.nbdclient import NbdClient
 from tests.test_cli import LR, assert_one_line_error, free_port, lr
 
@@ -205,3 +211,117 @@ def test_a_bulk_copier_holding_the_server_budget_does_not_queue_a_guests_reads(
     # helper asserts against); now each may wait for one of the copier's fetches in the
     # scheduler's turn and share the 2 cores with the copy's decompression and hashing
     assert beside < alone + 20 * 0.040
+
+
+def _clones(tmp_path: Path, count: int) -> tuple[Repository, list[RestorePoint], bytes]:
+    """``count`` VMs backed up from one image (a template's clones): the repository holds its
+    chunks once; 64 KiB blocks, 48 of them allocated, no two alike."""
+    repo = Repository.init(tmp_path / "repo", block_size=64 * KiB)
+    image = tmp_path / "golden.raw"
+    rnd = random.Random(7)
+    text = b"".join((b"template block %02d " % i * 4000)[: 64 * KiB] for i in range(16))  # compressible
+    data = rnd.randbytes(32 * 64 * KiB) + bytes(8 * 64 * KiB) + text
+    image.write_bytes(data)
+    points = [run_backup(repo, f"clone{i}", [image], [])[0] for i in range(count)]
+    return repo, points, data
+
+
+def _read_together(port: int, exports: list[str], size: int) -> dict[str, bytes]:
+    """Every export read whole at once, one 64 KiB read at a time, as booting guests read."""
+    got: dict[str, bytes] = {}
+    start = threading.Barrier(len(exports))
+
+    def reader(name: str) -> None:
+        c = NbdClient("127.0.0.1", port, name)
+        start.wait()
+        got[name] = b"".join(c.read(off, 64 * KiB) for off in range(0, size, 64 * KiB))
+        c.close()
+
+    threads = [threading.Thread(target=reader, args=(name,)) for name in exports]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(got) == sorted(exports), "a reader failed (its error is above)"
+    return got
+
+
+def _link_use(agent: AgentThread) -> tuple[int, int, int]:
+    """(blocks fetched by all points, stored bytes that crossed the link for them, blocks shared)."""
+    status = agent.agent.status()
+    metrics = [p["metrics"] for p in status["points"]]  # type: ignore[attr-defined]
+    shared = status["repository"]["shared_blocks"]  # type: ignore[index]
+    return sum(m["blocks_fetched"] for m in metrics), sum(m["bytes_fetched_stored"] for m in metrics), shared
+
+
+def test_clones_read_together_fetch_each_chunk_once(tmp_path: Path, start_agent: AgentFactory) -> None:
+    """Four clones of one image booting over a slow link, two at once and then two more: each chunk
+    crosses the link once (joined while in flight, or copied from the cache it landed in), every
+    clone reads its own bytes, and without sharing each clone fetches it all again."""
+    repo, points, data = _clones(tmp_path, 4)
+    allocated = 32 + 16  # the zeros are a hole
+    exports = [f"{p.vm}/golden" for p in points]
+    use = {}
+    for share in (True, False):
+        agent = start_agent(repo, points, cache_dir=tmp_path / f"cache-{share}", repo_latency_ms=20,
+                            share_chunks=share)  # fmt: skip
+        # two clones at once (the second joins the first's fetches), then two more (copied from
+        # the chunks that landed)
+        got = _read_together(agent.port, exports[:2], len(data)) | _read_together(agent.port, exports[2:], len(data))
+        assert all(got[name] == data for name in exports)
+        use[share] = _link_use(agent)
+        prom = agent.run(exposition, agent.agent).decode()
+        assert f"liverestore_shared_blocks_total {float(use[share][2])}" in prom
+        # a copy answered in a millisecond is no sample of a 20 ms link: taken for one, it made
+        # the adaptive limit see queueing everywhere and shrink to its minimum
+        adaptive = agent.agent.status()["scheduler"]["adaptive"]  # type: ignore[index]
+        assert adaptive["base_latency_ms"] >= 19, adaptive
+        agent.close()
+    fetched, stored, shared = use[True]
+    assert fetched == 4 * allocated  # every clone's cache holds every block
+    assert shared == 3 * allocated  # all but one clone's came from another's fetch
+    assert use[False][:2] == (4 * allocated, 4 * stored)  # unshared: the link carries it four times
+    assert use[False][2] == 0
+
+
+def test_shared_chunk_of_a_released_point_is_fetched_again(tmp_path: Path, start_agent: AgentFactory) -> None:
+    """The cache a shared chunk landed in goes with its point: the next clone fetches the chunk
+    itself rather than read a closed (or reused) file."""
+    repo, points, data = _clones(tmp_path, 2)
+    agent = start_agent(repo, points)
+    first, second = (f"{p.vm}/golden" for p in points)
+    assert _read_together(agent.port, [first], len(data))[first] == data
+    agent.call(agent.agent.release(points[0]))
+    assert _read_together(agent.port, [second], len(data))[second] == data
+    fetched, _stored, shared = _link_use(agent)
+    assert shared == 0 and fetched == 2 * 48
+
+
+def test_joiners_of_an_abandoned_fetch_fetch_for_themselves(tmp_path: Path) -> None:
+    """A fetch whose reader went away answers nobody: the asks that joined it are fetched anew."""
+    repo, points, data = _clones(tmp_path, 2)
+    manifests = [repo.load_manifest(p.record.disks[0]) for p in points]
+    caches = [BlockFile(tmp_path / f"c{i}.cache", "m", len(data), 64 * KiB) for i in range(2)]
+
+    async def scenario() -> list[Fetched | Exception]:
+        source = SharedChunks(ThrottledSource(RepositorySource(repo), latency_ms=200))
+        answers: list[Fetched | Exception] = []
+        owner = asyncio.create_task(source.fetch_many(manifests[0], [(3, CachedBlock(caches[0], 3))],
+                                                      lambda _n, got: caches[0].mark(3)))  # fmt: skip
+        await asyncio.sleep(0.05)
+        joiner = asyncio.create_task(source.fetch_many(manifests[1], [(3, CachedBlock(caches[1], 3))],
+                                                       lambda _n, got: answers.append(got)))  # fmt: skip
+        await asyncio.sleep(0.05)
+        owner.cancel()
+        await asyncio.wait_for(joiner, 5)
+        assert source.shared_blocks == 0
+        source.close()
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert len(answers) == 1 and isinstance(answers[0], Fetched) and answers[0].stored_bytes > 0
+    caches[1].mark(3)
+    assert caches[1].read_block(3) == data[3 * 64 * KiB : 4 * 64 * KiB]
+    assert caches[0].read_block(3) is None  # the abandoned fetch never marked its block
+    for c in caches:
+        c.close()

@@ -229,6 +229,8 @@ def list_cmd(repo_path: str, as_json: bool) -> None:
               help="Fetch this much ahead of a client reading a disk in order (nbdcopy, qemu-img convert); 0: off "
                    "(default: 32 with blocks of 1 MiB and up, off behind --repo-latency-ms/--repo-mbps).")  # fmt: skip
 @click.option("--mode", type=click.Choice(["demand-first", "fair", "fifo"]), default="demand-first")
+@click.option("--no-chunk-sharing", is_flag=True,
+              help="With several points: fetch a chunk they share once per point, not once for all.")  # fmt: skip
 @click.option("--access-log", type=click.Path(path_type=Path), default=None, help="JSON-lines log of reads.")
 @click.option("--tls-creds", type=click.Path(path_type=Path), default=None,
               help="x509 credentials in QEMU's layout (ca-cert.pem, server-cert.pem, server-key.pem); clients "
@@ -251,6 +253,7 @@ def serve(
     fetch_slots: int | None,
     readahead_mib: int | None,
     mode: str,
+    no_chunk_sharing: bool,
     access_log: Path | None,
     tls_creds: Path | None,
     tls_mode: str,
@@ -290,6 +293,7 @@ def serve(
         repo_mbps=repo_mbps,
         fetch_slots=fetch_slots,
         mode=Mode(mode),
+        share_chunks=not no_chunk_sharing,
         access_log=access_log,
         tls=tls,
         readahead_bytes=None if readahead_mib is None else readahead_mib * 1024 * 1024,

@@ -23,7 +23,7 @@ from liverestore.agent.nbd.tls import TlsPolicy
 from liverestore.agent.readahead import WINDOW_BYTES
 from liverestore.agent.recorder import AccessRecorder
 from liverestore.agent.scheduler import FetchClass, FetchScheduler, Mode
-from liverestore.agent.source import RepositorySource, RetryingSource, emulate_link
+from liverestore.agent.source import BlockSource, RepositorySource, RetryingSource, SharedChunks, emulate_link
 from liverestore.errors import LiverestoreError
 from liverestore.repository import Repository, RestorePoint
 from liverestore.repository.backend import Handle
@@ -49,6 +49,7 @@ class AgentConfig:
     tls: TlsPolicy | None = None  # x509 on the NBD port (STARTTLS); None: plaintext
     readahead_bytes: int | None = None  # ahead of a sequential reader (readahead.py); 0: off; None: see below
     keep_reads: bool = True  # the answered reads in memory, for a restore's boot profile (recorder.py)
+    share_chunks: bool = True  # with several points: one fetch per chunk for all (source.SharedChunks)
 
 
 CACHE_LOCK_NAME = ".lock"
@@ -160,7 +161,11 @@ class MediaAgent:
         big_blocks = repo.block_size >= READAHEAD_MIN_BLOCK
         default_readahead = WINDOW_BYTES if shared_requests and big_blocks else 0
         self.readahead_bytes = default_readahead if config.readahead_bytes is None else config.readahead_bytes
-        self.source = self.retrying
+        # One point gains nothing from sharing (its own repeats of a chunk share ranged reads
+        # already), so its reads keep the shortest path.
+        share = config.share_chunks and len(points) > 1
+        self.sharing = SharedChunks(self.retrying) if share else None
+        self.source: BlockSource = self.sharing or self.retrying
         self.drop_behind = DropBehind()
         self.served: list[ServedPoint] = []
         self.exports: dict[str, DiskExport] = {}
@@ -175,6 +180,8 @@ class MediaAgent:
                 sp.close()
                 sp.lease.release()
             self.fetcher.close()
+            if self.sharing is not None:
+                self.sharing.close()
             self.drop_behind.close()
             raise
         # one point's restore reads these: its point, its counters, its cache directory
@@ -331,6 +338,7 @@ class MediaAgent:
                 "outages": self.retrying.outages,
                 "retries": self.retrying.retries,
                 "requests": self.fetcher.requests,
+                "shared_blocks": self.sharing.shared_blocks if self.sharing is not None else 0,
             },
             "scheduler": self.scheduler.snapshot(),
         }
@@ -347,6 +355,8 @@ class MediaAgent:
         for e in self.exports.values():
             await e.stop_background()
         await self.scheduler.close()
+        if self.sharing is not None:
+            self.sharing.close()
         self.fetcher.close()
         self.drop_behind.close()
         self.recorder.close()

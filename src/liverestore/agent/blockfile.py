@@ -8,6 +8,7 @@ does not hold — after ``kill -9`` or a power cut the worst case is refetching 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
@@ -44,6 +45,11 @@ class BlockFile:
         self.dirty = False
         self.present = 0
         self._persist_lock = threading.Lock()
+        # Fetch and copy threads write (and read back) through ``fd`` off the event loop, and may
+        # still be at it when the point is released: ``close`` waits for them, and after it they
+        # get EBADF, never a write into whatever file the kernel gave the number to next.
+        self._users = 0
+        self._fd_cond = threading.Condition(threading.Lock())
         try:
             data_path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(data_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -93,16 +99,54 @@ class BlockFile:
         self.mark(idx)
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        """Safe from any thread, also against ``close`` (see ``_users``)."""
         view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        fd = self._enter()
+        try:
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
+        finally:
+            self._leave()
+
+    def _enter(self, idx: int | None = None) -> int:
+        """The descriptor, held open until ``_leave``; -1 when block ``idx`` is not held."""
+        with self._fd_cond:
+            if self.fd < 0:
+                raise OSError(errno.EBADF, f"{self.data_path} is closed")
+            if idx is not None and not self.has(idx):
+                return -1
+            self._users += 1
+            return self.fd
+
+    def _leave(self) -> None:
+        with self._fd_cond:
+            self._users -= 1
+            if self._users == 0:
+                self._fd_cond.notify_all()
 
     def pread(self, length: int, offset: int) -> bytes:
         data: bytes = os.pread(self.fd, length, offset)
         if len(data) < length:  # a file shorter than the disk reads as zeros past its end
             data += bytes(length - len(data))
         return data
+
+    def read_block(self, idx: int) -> bytes | None:
+        """Block ``idx`` as held here, or None when it is not (or the file is closed). Safe from
+        any thread, also against ``close``."""
+        try:
+            fd = self._enter(idx)
+        except OSError:
+            return None
+        if fd < 0:
+            return None
+        try:
+            start = idx * self.block_size
+            length = min(self.block_size, self.size - start)
+            data: bytes = os.pread(fd, length, start)
+            return data if len(data) == length else None
+        finally:
+            self._leave()
 
     def drop_pages(self, spans: Sequence[tuple[int, int]]) -> None:
         """Write these (offset, length) spans back and let the page cache drop them (see
@@ -140,7 +184,8 @@ class BlockFile:
         try:
             self.persist()
         finally:
-            with self._persist_lock:
+            with self._persist_lock, self._fd_cond:
+                self._fd_cond.wait_for(lambda: self._users == 0)
                 if self.fd >= 0:
                     self.file.close()
                     os.close(self.fd)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import errno
-import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -26,7 +25,7 @@ from liverestore.agent.nbd.export import ExportError, FileSlice
 from liverestore.agent.readahead import Readahead
 from liverestore.agent.recorder import AccessRecorder
 from liverestore.agent.scheduler import FetchClass, FetchScheduler, GroupJob, Report, Tenant
-from liverestore.agent.source import Ask, BlockSource, Fetched
+from liverestore.agent.source import Ask, BlockSource, Fetched, Rereadable
 from liverestore.errors import IntegrityError, RepositoryError
 from liverestore.repository import DiskManifest
 
@@ -34,6 +33,22 @@ log = logging.getLogger("liverestore.export")
 
 SENDFILE_MIN = 64 * 1024  # larger cached reads go out with sendfile(2) instead of through Python
 INLINE_SPAN = 64 * 1024  # read at once for a connection reading small pieces in order
+
+
+class CachedBlock(Rereadable):
+    """Block ``idx`` of a read-cache as a fetch's sink: written by the fetch thread that decoded
+    it, and read back for another restore point that needs the same chunk (``SharedChunks``)."""
+
+    __slots__ = ("cache", "idx")
+
+    def __init__(self, cache: BlockFile, idx: int) -> None:
+        self.cache, self.idx = cache, idx
+
+    def __call__(self, data: bytes) -> None:
+        self.cache.pwrite(data, self.idx * self.cache.block_size)
+
+    def read_back(self) -> bytes | None:
+        return self.cache.read_block(self.idx)
 
 
 class DiskExport:
@@ -115,9 +130,9 @@ class DiskExport:
         asked: list[int] = []  # which item each ask is
         for n, (idx, _) in enumerate(items):
             if self.present(idx):
-                report(n, None)
+                report(n, None, fetched=False)
             else:
-                asks.append((idx, functools.partial(self.read_cache.pwrite, offset=idx * self.block_size)))
+                asks.append((idx, CachedBlock(self.read_cache, idx)))
                 asked.append(n)
 
         def landed(k: int, got: Fetched | Exception) -> None:
@@ -129,7 +144,7 @@ class DiskExport:
             self.read_cache.mark(idx)  # only now: a bit is never set before its block is written
             self._unread.set(idx)
             self.metrics.record_fetch(why or str(cls), got.size, got.stored_bytes, got.request_share)
-            report(n, None)
+            report(n, None, fetched=not got.shared)
 
         if asks:
             await self.source.fetch_many(self.manifest, asks, landed)

@@ -74,6 +74,9 @@ class AgentCollector:
         yield CounterMetricFamily("liverestore_repository_requests",
                                   "Ranged reads sent to the repository (neighbouring blocks share one)",
                                   value=a.fetcher.requests)  # fmt: skip
+        yield CounterMetricFamily("liverestore_shared_blocks",
+                                  "Blocks copied from another restore point's fetch of the same chunk, not fetched",
+                                  value=a.sharing.shared_blocks if a.sharing is not None else 0)  # fmt: skip
         yield CounterMetricFamily("liverestore_repository_outages", "Times the repository became unreachable",
                                   value=a.retrying.outages)  # fmt: skip
         yield GaugeMetricFamily("liverestore_repository_available", "1 while the repository answers",

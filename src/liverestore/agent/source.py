@@ -11,10 +11,11 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from weakref import WeakKeyDictionary
 
 from liverestore.errors import RepositoryUnavailable
@@ -34,12 +35,28 @@ class Fetched:
     stored_bytes: int
     data: bytes = b""
     request_share: float = 1.0  # 1/n of the ranged read it was one of n blocks of: per-VM request counts
+    shared: bool = False  # copied from another ask's fetch of the same chunk (``SharedChunks``), not fetched
 
 
 Sink = Callable[[bytes], None]
 """Where a fetched block goes (the read-cache file at its offset). It is called in the fetch
 thread that decoded the block, so the write leaves the event loop free to serve reads; it may
 raise OSError (a full cache disk), which fails that fetch alone."""
+
+
+class Rereadable:
+    """A sink whose block can be read back once it is written and its fetch answered: a block of
+    a read-cache. ``SharedChunks`` serves another restore point's fetch of the same chunk from it
+    rather than from the repository."""
+
+    __slots__ = ()
+
+    def __call__(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def read_back(self) -> bytes | None:
+        """The block's bytes, or None once they cannot be had (its cache was closed)."""
+        raise NotImplementedError
 
 
 Ask = tuple[int, "Sink | None"]
@@ -366,6 +383,161 @@ class RetryingSource:
         if not self.available:
             self.available = True
             log.warning("repository is back after an outage; resuming")
+
+
+REMEMBER_CHUNKS = 16384  # landed chunks ``SharedChunks`` copies from: 1 GiB of 64 KiB blocks, about 3 MB
+
+
+@dataclass(slots=True)
+class _Joiner:
+    """An ask served by another ask's fetch of the same chunk."""
+
+    taker: _Many
+    n: int  # its place among its caller's asks
+    manifest: DiskManifest
+    index: int
+    sink: Sink | None
+
+
+class SharedChunks:
+    """Filter: one fetch per chunk for all the restore points one agent serves.
+
+    Restore points of one VM, and VMs cloned from one template, share most of their chunks. The
+    repository stores each chunk once, but each point has a read-cache of its own, and each
+    fetched it again: 16 VMs restored from one golden image brought every boot block over the
+    link 16 times (bench mass_restore). Here an ask for a chunk that is being fetched for another
+    ask waits for that fetch and copies its block from the cache it landed in; an ask for a
+    chunk that landed lately (the last ``remember``) copies it at once. The copy is a local read
+    and write in a thread; if the block cannot be read back (its point was released), the ask is
+    fetched after all. A joined ask crosses no link: it is answered with no stored bytes and no
+    share of a request, once the fetch it joined is answered (after that fetch's link time).
+    Only asks whose sink is ``Rereadable`` (a read-cache block) can be joined."""
+
+    def __init__(self, inner: BlockSource, remember: int = REMEMBER_CHUNKS) -> None:
+        self.inner = inner
+        self.remember = remember
+        self.shared_blocks = 0  # asks answered from another ask's fetch
+        self._flying: dict[bytes, list[_Joiner]] = {}  # chunk id -> asks waiting for its fetch
+        self._landed: OrderedDict[bytes, Rereadable] = OrderedDict()  # chunk id -> a block holding it
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="share")
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
+        return await fetch_one(self, manifest, index, sink)
+
+    async def fetch_many(self, manifest: DiskManifest, asks: Sequence[Ask], answer: Answer) -> None:
+        if not asks:
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        many = _Many(answer, len(asks), done)
+        own: list[tuple[int, bytes]] = []  # the asks fetched here: place among ``asks``, chunk id
+        flying: dict[bytes, int] = {}  # chunks fetched here that others may join, and which ask fetches each
+        for n, (index, sink) in enumerate(asks):
+            k = manifest.position(index)
+            assert k is not None, "zero blocks are never fetched"
+            cid = manifest.raw_id(k)
+            if (waiting := self._flying.get(cid)) is not None:
+                waiting.append(_Joiner(many, n, manifest, index, sink))
+            elif (kept := self._landed.get(cid)) is not None:
+                self._landed.move_to_end(cid)
+                self._spawn(self._copy(cid, kept, [_Joiner(many, n, manifest, index, sink)]))
+            else:
+                own.append((n, cid))
+                if isinstance(sink, Rereadable):
+                    self._flying[cid] = []
+                    flying[cid] = n
+
+        def relay(j: int, got: Fetched | Exception) -> None:
+            n, cid = own[j]
+            many.answer(n, got)  # first: the block is marked as held in its cache before it is read back
+            if flying.get(cid) != n:
+                return
+            del flying[cid]
+            joiners = self._flying.pop(cid)
+            sink = asks[n][1]
+            if isinstance(got, Exception) or not isinstance(sink, Rereadable):
+                self._refetch(joiners)  # a failure is theirs to meet (or not) on their own
+                return
+            self._keep(cid, sink)
+            if joiners:
+                self._spawn(self._copy(cid, sink, joiners))
+
+        try:
+            if own:
+                await self.inner.fetch_many(manifest, [asks[n] for n, _ in own], relay)
+            await done
+        finally:
+            many.cancel()  # done, or its caller went away: nothing more is relayed
+            for cid in flying:  # fetches never answered (the reader went away): their joiners fetch
+                self._refetch(self._flying.pop(cid))
+
+    def _keep(self, cid: bytes, block: Rereadable) -> None:
+        self._landed[cid] = block
+        self._landed.move_to_end(cid)
+        if len(self._landed) > self.remember:
+            self._landed.popitem(last=False)
+
+    async def _copy(self, cid: bytes, kept: Rereadable, joiners: list[_Joiner]) -> None:
+        """Copy the block ``kept`` holds into each joiner's sink, in a thread; fetch the joiners
+        after all when it cannot be read back."""
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._pool, _copy_into, kept, joiners)
+        except RuntimeError as e:  # the pool is shut down: the agent is closing
+            for joiner in joiners:
+                joiner.taker.answer(joiner.n, e)
+            return
+        if results is None:
+            if self._landed.get(cid) is kept:
+                del self._landed[cid]
+            self._refetch(joiners)
+            return
+        for joiner, got in zip(joiners, results, strict=True):
+            if not isinstance(got, Exception):
+                self.shared_blocks += 1
+            joiner.taker.answer(joiner.n, got)
+
+    def _refetch(self, joiners: list[_Joiner]) -> None:
+        for joiner in joiners:
+            if not joiner.taker.done.done():  # its reader is still there
+                self._spawn(self._fetch_alone(joiner))
+
+    async def _fetch_alone(self, joiner: _Joiner) -> None:
+        try:
+            await self.inner.fetch_many(joiner.manifest, [(joiner.index, joiner.sink)],
+                                        lambda _j, got: joiner.taker.answer(joiner.n, got))  # fmt: skip
+        except Exception as e:
+            joiner.taker.answer(joiner.n, e)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _copy_into(kept: Rereadable, joiners: list[_Joiner]) -> list[Fetched | Exception] | None:
+    """In a ``SharedChunks`` thread: the block ``kept`` holds, written to each joiner's sink (or
+    handed over when it has none); None when it cannot be read back."""
+    try:
+        data = kept.read_back()
+    except OSError:  # the cache disk failed a read: the repository still has the chunk
+        return None
+    if data is None:
+        return None
+    out: list[Fetched | Exception] = []
+    for joiner in joiners:
+        try:
+            if joiner.sink is not None:
+                joiner.sink(data)
+            out.append(Fetched(len(data), 0, b"" if joiner.sink is not None else data, request_share=0.0, shared=True))
+        except OSError as e:  # its own cache is full: that read fails, as a fetch's would
+            out.append(e)
+    return out
 
 
 def emulate_link(source: BlockSource, latency_ms: float = 0.0, mbps: float = 0.0) -> BlockSource:
