@@ -88,6 +88,16 @@ async def fetch_one(source: BlockSource, manifest: DiskManifest, index: int, sin
     return answers[0]
 
 
+class _Source:
+    """What every source here shares: ``fetch`` is a ``fetch_many`` of one block."""
+
+    async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
+        return await fetch_one(self, manifest, index, sink)
+
+    async def fetch_many(self, manifest: DiskManifest, asks: Sequence[Ask], answer: Answer) -> None:
+        raise NotImplementedError
+
+
 ANSWER_BYTES = 4 * 1024 * 1024  # a fetch thread answers readers after decoding this much of a run
 
 
@@ -103,8 +113,9 @@ class _Many:
     """One ``fetch_many``: relays each block's answer and is done once all have come. Cancelled
     (its reader went away, or the agent closes), it relays nothing more."""
 
-    def __init__(self, answer: Answer, count: int, done: asyncio.Future[None]) -> None:
-        self.relay, self.left, self.done = answer, count, done
+    def __init__(self, answer: Answer, count: int) -> None:
+        self.relay, self.left = answer, count
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def answer(self, n: int, got: Fetched | Exception) -> None:
         if self.done.done():
@@ -151,7 +162,7 @@ class _Completions:
                 log.exception("a fetched block could not be handed to its reader")
 
 
-class RepositorySource:
+class RepositorySource(_Source):
     """Fetches chunks, coalescing the requests that arrive together: fetches started in one turn of
     the event loop (the scheduler starts a batch whenever slots free up) that name neighbouring
     chunks of one pack become one ranged read. Set 2 and set 3 walk the disk in order and a backup
@@ -177,17 +188,13 @@ class RepositorySource:
             self._located[manifest] = located
         self.repo.chunks.drop_index()
 
-    async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
-        return await fetch_one(self, manifest, index, sink)
-
     async def fetch_many(self, manifest: DiskManifest, asks: Sequence[Ask], answer: Answer) -> None:
         if not asks:
             return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        many = _Many(answer, len(asks), done)
+        many = _Many(answer, len(asks))
         try:
             await self._queue(manifest, asks, many)
-            await done
+            await many.done
         finally:
             many.cancel()  # done, or its caller went away: nothing more is relayed
 
@@ -284,15 +291,12 @@ class RepositorySource:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class ThrottledSource:
+class ThrottledSource(_Source):
     def __init__(self, inner: BlockSource, latency_ms: float = 0.0, mbps: float = 0.0) -> None:
         self.inner = inner
         self.latency = latency_ms / 1000.0
         self.bytes_per_s = mbps * 1_000_000 / 8 if mbps > 0 else 0.0
         self._link_free_at = 0.0
-
-    async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
-        return await fetch_one(self, manifest, index, sink)
 
     async def fetch_many(self, manifest: DiskManifest, asks: Sequence[Ask], answer: Answer) -> None:
         """Blocks asked together wait out one latency together, then each its turn on the link as
@@ -304,8 +308,7 @@ class ThrottledSource:
             await self.inner.fetch_many(manifest, asks, answer)
             return
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        many = _Many(answer, len(asks), done)
+        many = _Many(answer, len(asks))
         timers: list[asyncio.TimerHandle] = []
 
         def landed(n: int, got: Fetched | Exception) -> None:
@@ -318,14 +321,14 @@ class ThrottledSource:
 
         try:
             await self.inner.fetch_many(manifest, asks, landed)
-            await done
+            await many.done
         finally:
             many.cancel()  # done, or its caller went away: nothing more is relayed
             for timer in timers:
                 timer.cancel()
 
 
-class RetryingSource:
+class RetryingSource(_Source):
     """Rides out repository outages: retries unavailability with exponential backoff for up to
     ``deadline_s`` and warns while it does. Damage (a corrupt or missing chunk) is never retried:
     it will not heal, and the read must fail with EIO rather than hang."""
@@ -337,9 +340,6 @@ class RetryingSource:
         self.outages = 0
         self.retries = 0
         self.available = True
-
-    async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
-        return await fetch_one(self, manifest, index, sink)
 
     async def fetch_many(self, manifest: DiskManifest, asks: Sequence[Ask], answer: Answer) -> None:
         """The blocks that met an outage are asked again, with exponential backoff, until they
@@ -399,7 +399,7 @@ class _Joiner:
     sink: Sink | None
 
 
-class SharedChunks:
+class SharedChunks(_Source):
     """Filter: one fetch per chunk for all the restore points one agent serves.
 
     Restore points of one VM, and VMs cloned from one template, share most of their chunks. The
@@ -422,14 +422,10 @@ class SharedChunks:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="share")
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def fetch(self, manifest: DiskManifest, index: int, sink: Sink | None = None) -> Fetched:
-        return await fetch_one(self, manifest, index, sink)
-
     async def fetch_many(self, manifest: DiskManifest, asks: Sequence[Ask], answer: Answer) -> None:
         if not asks:
             return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        many = _Many(answer, len(asks), done)
+        many = _Many(answer, len(asks))
         own: list[tuple[int, bytes]] = []  # the asks fetched here: place among ``asks``, chunk id
         flying: dict[bytes, int] = {}  # chunks fetched here that others may join, and which ask fetches each
         for n, (index, sink) in enumerate(asks):
@@ -465,7 +461,7 @@ class SharedChunks:
         try:
             if own:
                 await self.inner.fetch_many(manifest, [asks[n] for n, _ in own], relay)
-            await done
+            await many.done
         finally:
             many.cancel()  # done, or its caller went away: nothing more is relayed
             for cid in flying:  # fetches never answered (the reader went away): their joiners fetch
