@@ -466,6 +466,7 @@ class SharedChunks(_Source):
             many.cancel()  # done, or its caller went away: nothing more is relayed
             for cid in flying:  # fetches never answered (the reader went away): their joiners fetch
                 self._refetch(self._flying.pop(cid))
+            flying.clear()  # a late answer must not take another call's entry for the same chunk
 
     def _keep(self, cid: bytes, block: Rereadable) -> None:
         self._landed[cid] = block
@@ -476,6 +477,9 @@ class SharedChunks(_Source):
     async def _copy(self, cid: bytes, kept: Rereadable, joiners: list[_Joiner]) -> None:
         """Copy the block ``kept`` holds into each joiner's sink, in a thread; fetch the joiners
         after all when it cannot be read back."""
+        joiners = [j for j in joiners if not j.taker.done.done()]  # whose reader went away gets nothing
+        if not joiners:
+            return
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(self._pool, _copy_into, kept, joiners)
