@@ -160,6 +160,35 @@ def test_serve_cli_refuses_bad_point_lists(tmp_path: Path) -> None:
                           "given twice")  # fmt: skip
 
 
+def test_serve_cli_shares_chunks_unless_told_not_to(tmp_path: Path) -> None:
+    """``serve`` with two clones: the second's read of a block the first fetched crosses no
+    link; with --no-chunk-sharing it is fetched again."""
+    repo, points, data = _clones(tmp_path, 2)
+    repo.close()
+    for flags, shared in (((), 1), (("--no-chunk-sharing",), 0)):
+        port, cport = free_port(), free_port()
+        proc = subprocess.Popen(
+            [*LR, "serve", "--repo", str(tmp_path / "repo"), "--vm", points[0].vm, "--vm", points[1].vm,
+             "--listen", f"127.0.0.1:{port}", "--control", f"127.0.0.1:{cport}", "--cache-dir",
+             str(tmp_path / f"cache-{shared}"), *flags],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert proc.stderr is not None
+            while "status:" not in proc.stderr.readline():
+                assert proc.poll() is None, proc.stderr.read()
+            for p in points:
+                c = NbdClient("127.0.0.1", port, f"{p.vm}/golden")
+                assert c.read(0, 64 * KiB) == data[: 64 * KiB]
+                c.close()
+            with urllib.request.urlopen(f"http://127.0.0.1:{cport}/status", timeout=5) as r:
+                status = json.loads(r.read())
+            assert status["repository"]["shared_blocks"] == shared, (flags, status["repository"])
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
+
+
 def _guest_reads_beside_a_copier(tmp_path: Path, start_agent: AgentFactory, copier: bool) -> float:
     repo = Repository.init(tmp_path / f"repo-{copier}", block_size=64 * KiB)
     src = tmp_path / f"src-{copier}"
