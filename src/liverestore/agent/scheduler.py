@@ -234,7 +234,9 @@ class FetchScheduler:
 
     async def forget(self, tenant: Tenant) -> None:
         """Drop a tenant's queued fetches and stop its running ones (its point is released while
-        the others are served on): nothing of it may write to its cache after this returns."""
+        the others are served on). A fetch or copy thread already running may still write a
+        block into its cache: no bit is set for it, and once the cache is closed such a write
+        fails with EBADF (``BlockFile._users``)."""
         for cls in FetchClass:
             self.cancel_queued(cls, tenant)
         running = [e.task for e in self._pending.values() if e.tenant == tenant and e.task is not None]
