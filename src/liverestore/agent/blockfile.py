@@ -109,13 +109,11 @@ class BlockFile:
         finally:
             self._leave()
 
-    def _enter(self, idx: int | None = None) -> int:
-        """The descriptor, held open until ``_leave``; -1 when block ``idx`` is not held."""
+    def _enter(self) -> int:
+        """The descriptor, held open until ``_leave``."""
         with self._fd_cond:
             if self.fd < 0:
                 raise OSError(errno.EBADF, f"{self.data_path} is closed")
-            if idx is not None and not self.has(idx):
-                return -1
             self._users += 1
             return self.fd
 
@@ -133,12 +131,12 @@ class BlockFile:
 
     def read_block(self, idx: int) -> bytes | None:
         """Block ``idx`` as held here, or None when it is not (or the file is closed). Safe from
-        any thread, also against ``close``."""
-        try:
-            fd = self._enter(idx)
-        except OSError:
+        any thread, also against ``close`` (a bit, once set, stays set while the file is open)."""
+        if not self.has(idx):
             return None
-        if fd < 0:
+        try:
+            fd = self._enter()
+        except OSError:
             return None
         try:
             start = idx * self.block_size
