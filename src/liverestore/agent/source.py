@@ -451,7 +451,8 @@ class SharedChunks(_Source):
             del flying[cid]
             joiners = self._flying.pop(cid)
             sink = asks[n][1]
-            if isinstance(got, Exception) or not isinstance(sink, Rereadable):
+            assert isinstance(sink, Rereadable), "only a rereadable ask is flown for others"
+            if isinstance(got, Exception):
                 self._refetch(joiners)  # a failure is theirs to meet (or not) on their own
                 return
             self._keep(cid, sink)
