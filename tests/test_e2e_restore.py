@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -116,6 +117,67 @@ def test_destination_filling_up_mid_relocation_keeps_the_vm_running(vm_backup: V
     report = fill_destination_mid_relocation(vm_backup.open_repo(), "testvm", "testvm", tmp_path, "qemu")
     assert "No space left on device" in report.relocation_failures[0]
     assert "relocation failed 1 time(s) and started again" in render_report(report)
+
+
+def test_no_relocate_guest_paused_on_a_full_disk_runs_again_once_there_is_room(
+    vm_backup: VmBackup, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--no-relocate``: the guest's writes go to its overlay on the destination. When that disk
+    fills (another writer took the space), QEMU pauses the guest on the write it refused. The
+    restore says so, leaves it paused while the disk stays full (resuming would only pause it
+    again), and lets it run once there is room: its write then completes and every file
+    verifies. Before, it stayed paused until someone resumed it by hand."""
+    caplog.set_level(logging.WARNING)
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    room = restore_module.ROOM_TO_RESUME
+    repo = vm_backup.open_repo()
+    need = sum(d.allocated for d in repo.get_point("testvm").record.disks)  # what a restore checks first
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={need + room},mode=0755", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("needs root to mount a small tmpfs")
+    filler = mnt / "filler"
+    opts = RestoreOptions(vm="testvm", dest=mnt / "primary", cache_dir=tmp_path / "cache", relocate=False,
+                          use_profile=False, record_profile=False)  # fmt: skip
+
+    def fill() -> None:
+        with open(filler, "wb") as f, contextlib.suppress(OSError):  # until the file system is full
+            while True:
+                f.write(b"\xff" * MiB)
+                f.flush()
+
+    async def go() -> None:
+        job = InstantRestore(repo, opts)
+        try:
+            await job.run()
+            vm = job.vm
+            assert vm is not None and vm.running
+            watch = asyncio.create_task(job.run_from_backup(poll_s=0.2))
+            await asyncio.to_thread(fill)
+            mark = len(vm.serial_output())
+            await vm.send_console("write")
+            deadline = time.monotonic() + 90
+            while not await vm.paused_on_io_error():
+                assert time.monotonic() < deadline, "the guest's write never met the full disk"
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(2)  # ten looks at a disk still full: it stays paused, and says why once
+            assert await vm.paused_on_io_error()
+            assert sum("which is full" in r.getMessage() for r in caplog.records) == 1, caplog.text
+            os.truncate(filler, os.path.getsize(filler) - room - 8 * MiB)  # room, though not all of it
+            await vm.wait_for_console("WRITE-OK", 60, start=mark)
+            assert "testvm runs again" in caplog.text
+            await vm.send_console("verify")  # every payload file, read through the agent again
+            await vm.wait_for_console("VERIFY-OK", 120, start=mark)
+            assert "VERIFY-FAIL" not in vm.serial_output()
+            await vm.stop()
+            await asyncio.wait_for(watch, 10)  # it returns once the VM has stopped
+        finally:
+            await job.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_profile_makes_boot_fast_on_a_slow_repository(vm_backup: VmBackup, tmp_path: Path) -> None:

@@ -171,8 +171,8 @@ def restore(**kw: Any) -> None:
                     f"VM is running from backup; serial log {report.serial_log}. Ctrl-C stops it.", err=True
                 )
                 try:
-                    while job.vm is not None and job.vm.running:
-                        await asyncio.sleep(1)
+                    if job.vm is not None:
+                        await job.run_from_backup()
                 finally:
                     await job.close(stop_vm=True)
             else:
@@ -203,8 +203,7 @@ def restore_several(vms: tuple[str, ...], kw: dict[str, Any]) -> None:
             try:
                 if not relocated and not kw["stop_after"] and any(isinstance(r, RestoreReport) for r in results):
                     click.echo("VMs are running from backup. Ctrl-C stops them.", err=True)
-                    while any(r.vm is not None and r.vm.running for r in job.restores):
-                        await asyncio.sleep(1)
+                    await asyncio.gather(*(r.run_from_backup() for r in job.restores if r.vm is not None))
             finally:
                 await job.close(stop_vm=kw["stop_after"] or not relocated, shutdown_timeout=kw["shutdown_timeout"])
             return results

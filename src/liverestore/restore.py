@@ -56,6 +56,7 @@ log = logging.getLogger("liverestore.restore")
 
 RELOCATION_RETRY_S = 5.0  # after a failed relocation: first look at the destination's free space
 RELOCATION_RETRY_MAX_S = 60.0  # then doubling up to this, while it stays full or the copies keep failing
+ROOM_TO_RESUME = 64 * 2**20  # free bytes under its overlay before a guest paused on a full disk runs again
 
 
 @dataclass
@@ -654,6 +655,34 @@ class InstantRestore:
             log.warning("%s: starting its relocation again (%d failed so far)", self.name,
                         len(self.report.relocation_failures))  # fmt: skip
             return
+
+    async def run_from_backup(self, poll_s: float = 1.0) -> None:
+        """Until the VM stops, while it runs from the backup (``--no-relocate``): a guest its
+        hypervisor paused on a write that the full disk under its overlay refused runs again
+        once that disk has room. It lost nothing, but it stayed paused, its service down, until
+        someone noticed and resumed it by hand. Resuming it with no room only pauses it again at
+        its next write, so it waits for ``ROOM_TO_RESUME`` free bytes, and says once where."""
+        assert self.vm is not None
+        vm, told = self.vm, False
+        while vm.running:
+            await asyncio.sleep(poll_s)
+            try:
+                if not await vm.paused_on_io_error():
+                    continue
+                free = shutil.disk_usage(vm.workdir).free
+                if free < ROOM_TO_RESUME:
+                    if not told:
+                        log.warning("%s is paused: its disk writes go to %s, which is full (%.0f MiB free); it runs "
+                                    "again by itself once %.0f MiB are free there", self.name, vm.workdir,
+                                    free / 2**20, ROOM_TO_RESUME / 2**20)  # fmt: skip
+                        told = True
+                    continue
+                if await vm.resume_after_io_error():
+                    log.warning("%s runs again (%.0f MiB free in %s)", self.name, free / 2**20, vm.workdir)
+                told = False
+            except (LiverestoreError, OSError) as e:  # the VM stopping under the query, mostly
+                if vm.running:
+                    log.warning("%s: cannot tell whether it is paused on a full disk: %s", self.name, e)
 
     async def _pivot(self) -> None:
         assert self.vm is not None and self._placement is not None and self.served is not None

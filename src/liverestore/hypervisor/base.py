@@ -112,6 +112,11 @@ class Hypervisor(Protocol):
         """Cancel the copies and remove every destination file this relocation created."""
         ...
 
+    async def paused_on_io_error(self) -> bool:
+        """Whether the hypervisor paused the guest on a write its disk refused (a full disk:
+        QEMU's ``werror=enospc``); the guest waits there, nothing lost, until it is resumed."""
+        ...
+
     async def resume_after_io_error(self) -> bool:
         """Let a guest that its hypervisor paused on a failed write (a full disk: QEMU's
         ``werror=enospc``) run again, once there is room; True if it was paused so."""

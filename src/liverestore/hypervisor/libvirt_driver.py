@@ -381,12 +381,15 @@ class LibvirtVM:
         await self._call(self._conn().defineXML, render_domain(self.spec, sources, nvram=self.nvram))
         log.info("domain %s is defined on its local disks and keeps running", self.spec.name)
 
-    async def resume_after_io_error(self) -> bool:
+    async def paused_on_io_error(self) -> bool:
         lv = libvirt_module()
         if not self.running:
             return False
         state, reason = await self._call(self.dom.state)
-        if state != lv.VIR_DOMAIN_PAUSED or reason != lv.VIR_DOMAIN_PAUSED_IOERROR:
+        return bool(state == lv.VIR_DOMAIN_PAUSED and reason == lv.VIR_DOMAIN_PAUSED_IOERROR)
+
+    async def resume_after_io_error(self) -> bool:
+        if not await self.paused_on_io_error():
             return False
         await self._call(self.dom.resume)
         return True

@@ -395,11 +395,14 @@ class QemuVM:
         }]})  # fmt: skip
         await self.execute("blockdev-del", {"node-name": old})
 
-    async def resume_after_io_error(self) -> bool:
+    async def paused_on_io_error(self) -> bool:
         if not self.running or self.qmp is None:
             return False
         status = await self.execute("query-status")
-        if status.get("status") != "io-error":
+        return bool(status.get("status") == "io-error")
+
+    async def resume_after_io_error(self) -> bool:
+        if not await self.paused_on_io_error():
             return False
         await self.execute("cont")
         return True
