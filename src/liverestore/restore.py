@@ -663,11 +663,13 @@ class InstantRestore:
         someone noticed and resumed it by hand. Resuming it with no room only pauses it again at
         its next write, so it waits for ``ROOM_TO_RESUME`` free bytes, and says once where."""
         assert self.vm is not None
-        vm, told = self.vm, False
+        vm, told, failing = self.vm, False, False
         while vm.running:
             await asyncio.sleep(poll_s)
             try:
-                if not await vm.paused_on_io_error():
+                paused = await vm.paused_on_io_error()
+                failing = False
+                if not paused:
                     continue
                 free = shutil.disk_usage(vm.workdir).free
                 if free < ROOM_TO_RESUME:
@@ -681,8 +683,9 @@ class InstantRestore:
                     log.warning("%s runs again (%.0f MiB free in %s)", self.name, free / 2**20, vm.workdir)
                 told = False
             except (LiverestoreError, OSError) as e:  # the VM stopping under the query, mostly
-                if vm.running:
+                if vm.running and not failing:  # said once, not at every look
                     log.warning("%s: cannot tell whether it is paused on a full disk: %s", self.name, e)
+                failing = True
 
     async def _pivot(self) -> None:
         assert self.vm is not None and self._placement is not None and self.served is not None
