@@ -378,9 +378,36 @@ def verify(repo_path: str, vm: str | None) -> None:
         f"checked {report.points} restore point(s), {report.manifests} manifest(s), "
         f"{report.chunks_checked} chunk(s), {report.bytes_checked / 2**20:.1f} MiB"
     )
+    if report.unindexed_packs:
+        click.echo(f"{report.unindexed_packs} pack(s) are named by no readable index object: "
+                   "'liverestore repair-index' indexes them again", err=True)  # fmt: skip
     if not report.ok:
         raise LiverestoreError(f"{len(report.problems)} problem(s) found; {summary}")
     click.echo(f"ok: {summary}")
+
+
+@cli.command("repair-index")
+@repo_option
+@click.option("--dry-run", is_flag=True, help="Only say what would be indexed and removed.")
+def repair_index(repo_path: str, dry_run: bool) -> None:
+    """Rebuild the index from the packs after an index object was lost or damaged."""
+    from liverestore.progress import byte_progress
+    from liverestore.repository.repair import repair_index as run_repair
+
+    repo = _open_repo(repo_path)
+    with byte_progress("repair-index", counts=True) as show:
+        r = run_repair(repo, apply=not dry_run, progress=lambda done, total: show("packs", done, total))
+    for line in r.unreadable_packs:
+        click.echo(f"UNREADABLE: {line}", err=True)
+    if dry_run:
+        click.echo(f"would index {r.packs_indexed} pack(s) holding {r.chunks_indexed} chunk(s) that no readable "
+                   f"index object names, and remove {len(r.damaged)} damaged index object(s)")  # fmt: skip
+    else:
+        click.echo(f"indexed {r.packs_indexed} pack(s) holding {r.chunks_indexed} chunk(s) that no readable index "
+                   f"object named; removed {r.damaged_removed} of {len(r.damaged)} damaged index object(s)")  # fmt: skip
+    if not r.ok:
+        raise LiverestoreError(f"{len(r.unreadable_packs)} pack(s) could not be read; the damaged index objects "
+                               "stay until they can (chunks they named may be there)")  # fmt: skip
 
 
 @cli.command()

@@ -7,22 +7,26 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TransferSpeedColumn,
+)
 
 
 @contextmanager
-def byte_progress(label: str) -> Iterator[Callable[[str, int, int], None]]:
+def byte_progress(label: str, counts: bool = False) -> Iterator[Callable[[str, int, int], None]]:
+    """A bar per name; ``counts``: done and total are things (packs), not bytes."""
     if not sys.stderr.isatty():
         yield lambda name, done, total: None
         return
     tasks: dict[str, TaskID] = {}
-    with Progress(
-        TextColumn(f"{label} [bold]{{task.description}}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        transient=False,
-    ) as prog:
+    amounts = (MofNCompleteColumn(),) if counts else (DownloadColumn(), TransferSpeedColumn())
+    with Progress(TextColumn(f"{label} [bold]{{task.description}}"), BarColumn(), *amounts, transient=False) as prog:
 
         def update(name: str, done: int, total: int) -> None:
             if name not in tasks:

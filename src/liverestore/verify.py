@@ -20,6 +20,7 @@ class VerifyReport:
     chunks_checked: int = 0
     bytes_checked: int = 0
     problems: list[str] = field(default_factory=list)
+    unindexed_packs: int = 0  # with problems: packs no readable index object names (repair-index)
 
     @property
     def ok(self) -> bool:
@@ -63,6 +64,9 @@ def verify_repository(repo: Repository, vm: str | None = None) -> VerifyReport:
             users.setdefault(cfg.chunk_id, []).append(f"{where} config {cfg.filename}")
     for cid, problem in _check_chunks(repo, sizes, report).items():
         report.problems.extend(f"{user}: {problem}" for user in users[cid])
+    if report.problems:  # "missing" chunks may sit in packs whose index object was lost
+        index = repo.chunks.index()
+        report.unindexed_packs = sum(not index.has_pack(p) for p in repo.backend.list("packs"))
     return report
 
 

@@ -12,8 +12,9 @@ point is committed, writes an *index* object (``index/<hash>``) saying which chu
 which pack. Readers load every index once and fetch byte ranges of packs; neighbouring chunks of
 one pack are read with one ranged request (``load_run``). A pack is written before any index
 names it, and an index before any point needs it, so a crash leaves at worst an unindexed pack
-that prune removes. Repositories from before packs keep their loose ``chunks/<id>`` objects,
-which are still read.
+that prune removes. A pack ends with a trailer naming its chunks, so the index can be rebuilt
+from the packs alone (``repair.py``). Repositories from before packs keep their loose
+``chunks/<id>`` objects, which are still read.
 """
 
 from __future__ import annotations
@@ -275,6 +276,18 @@ def _decode_index(blob: bytes) -> _IndexPacks:
         yield pack, _ENTRY.iter_unpack(data[first:pos])
 
 
+_TRAILER_MAGIC = b"LRPACKT1"
+_TRAILER_TAIL = struct.Struct("<I8s")  # a pack's last 12 bytes: its trailer's length, the magic
+_TRAILER_AAD = "pack trailer"
+
+
+def _encode_trailer(entries: Sequence[tuple[str, int, int]]) -> bytes:
+    """What a pack holds, (32-byte chunk id, offset, length) each, as its index names it: a pack
+    describes itself, so the index can be rebuilt from the packs alone when an index object is
+    lost or damaged (restic's packs carry such a header too). Readers of chunks never look at it."""
+    return b"".join(_ENTRY.pack(bytes.fromhex(cid), offset, length) for cid, offset, length in entries)
+
+
 class ChunkStore:
     """zstd-compressed chunks in packs; in an encrypted repository each chunk is sealed after
     compression (its id as associated data), and index objects are sealed too."""
@@ -510,8 +523,11 @@ class ChunkStore:
         """Hand the open pack to the uploader (caller holds the write lock)."""
         if not self._buffer:
             return
-        data = b"".join(self._buffer)
         entries = self._buffer_entries
+        trailer = _encode_trailer(entries)
+        if self.key:
+            trailer = self.key.seal(trailer, _TRAILER_AAD)
+        data = b"".join([*self._buffer, trailer, _TRAILER_TAIL.pack(len(trailer), _TRAILER_MAGIC)])
         self._buffer, self._buffer_entries, self._buffer_size = [], [], 0
         pack = chunk_id(data)
         if self._uploader is None:
@@ -677,6 +693,51 @@ class ChunkStore:
             raise IntegrityError(f"chunk {cid} is corrupt (pack {where.pack} is truncated)")
         return data
 
+    def pack_contents(self, pack: str) -> list[tuple[str, int, int]]:
+        """(chunk id, offset, length) of every chunk in a stored pack, from the pack alone: its
+        trailer, or in a pack written before packs had one, its zstd frames one after another
+        (each decoded and hashed, so the id is the chunk's own). An encrypted pack without a
+        trailer cannot be split: its sealed chunks carry no length. ValueError when it cannot
+        be read so; what a chunk holds is checked again at every read, as always."""
+        h = Handle("packs", pack)
+        size = self.backend.stat(h)
+        if size is None:
+            raise ObjectMissing(f"object packs/{pack} is gone")
+        tail = self.backend.load(h, size - _TRAILER_TAIL.size, _TRAILER_TAIL.size) if size >= _TRAILER_TAIL.size else b""
+        if len(tail) == _TRAILER_TAIL.size:
+            length, magic = _TRAILER_TAIL.unpack(tail)
+            body_end = size - _TRAILER_TAIL.size
+            if magic == _TRAILER_MAGIC and length <= body_end:
+                trailer = self.backend.load(h, body_end - length, length)
+                if self.key:
+                    trailer = self.key.open(trailer, _TRAILER_AAD)
+                if len(trailer) % _ENTRY.size:
+                    raise ValueError("its trailer is truncated")
+                entries = [(c.hex(), o, n) for c, o, n in _ENTRY.iter_unpack(trailer)]
+                if any(o + n > body_end - length for _, o, n in entries):
+                    raise ValueError("its trailer names bytes past its chunks")
+                return entries
+        if self.key:
+            raise ValueError("it was written before packs named their chunks, and its sealed chunks cannot be told apart")
+        return self._split_frames(self.backend.load(h))
+
+    def _split_frames(self, data: bytes) -> list[tuple[str, int, int]]:
+        """The chunks of an unencrypted pack without a trailer: one zstd frame each."""
+        entries: list[tuple[str, int, int]] = []
+        view, pos = memoryview(data), 0
+        while pos < len(data):
+            frame = zstandard.ZstdDecompressor().decompressobj()
+            try:
+                plain = frame.decompress(view[pos:])
+            except zstandard.ZstdError as e:
+                raise ValueError(f"no chunk can be read at offset {pos} ({e})") from None
+            if not frame.eof:
+                raise ValueError(f"it ends inside the chunk at offset {pos}")
+            used = len(data) - pos - len(frame.unused_data)
+            entries.append((self.id_of(plain), pos, used))
+            pos += used
+        return entries
+
     def iter_ids(self) -> list[str]:
         """Every chunk stored: those the index names, then loose ones."""
         index = self.refresh()
@@ -719,9 +780,17 @@ def prune_packs(store: ChunkStore, live: set[str], apply: bool, repack_below: fl
     index = store.reload(keep_entries=True)
     assert index.entries is not None
     if index.problems:  # a pack only that index names would look unindexed, and be deleted
-        raise RepositoryError(f"prune stopped, nothing deleted: {index.problems[0]}")
+        raise RepositoryError(f"prune stopped, nothing deleted: {index.problems[0]}; "
+                              "'liverestore repair-index' rebuilds it from the packs")  # fmt: skip
     old_objects = set(index.objects)  # the repack's own index joins ``index`` below: not to be deleted
     stored = set(store.backend.list("packs"))
+    # A live chunk no index names (an index object lost, not damaged) sits in a pack that looks
+    # unindexed, and deleting it would lose a backup for good.
+    unnamed = [c for c in live if c not in index]
+    if unnamed and (lost := set(unnamed) - set(store.backend.list("chunks"))):
+        raise RepositoryError(f"prune stopped, nothing deleted: {len(lost)} chunk(s) that restore points use are "
+                              f"named by no index object (e.g. {min(lost)}); 'liverestore repair-index' rebuilds the "
+                              "index from the packs, 'liverestore verify' names the points concerned")  # fmt: skip
     keep: dict[str, list[tuple[str, int, int]]] = {}
     repack: list[tuple[str, Location]] = []
     drop: set[str] = set(stored - set(index.entries))  # unindexed: left by a backup that died
