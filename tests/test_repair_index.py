@@ -130,10 +130,17 @@ def test_packs_from_before_trailers_are_split_by_their_frames(tmp_path: Path) ->
     n = _strip_trailers(repo)
     for index in _objects(repo, "index"):
         index.unlink()
+    junk = b"not a pack" * 100  # a stray object among the packs: said, and every other pack indexed
+    LocalBackend(repo).save(Handle("packs", chunk_id(junk)), junk)
     r = lr("repair-index", "--repo", str(repo))
-    assert r.returncode == 0 and f"indexed {n} pack(s) holding {len(content) // BS} chunk(s)" in r.stdout, r.stderr
+    assert r.returncode == 1 and f"indexed {n} pack(s) holding {len(content) // BS} chunk(s)" in r.stdout, r.stderr
+    assert f"UNREADABLE: pack {chunk_id(junk)}: no chunk can be read at offset 0" in r.stderr
+    assert "1 pack(s) could not be read (UNREADABLE above); every other pack is indexed" in r.stderr
     assert lr("verify", "--repo", str(repo)).returncode == 0
     assert _served(repo, tmp_path / "cache") == content
+    r = lr("prune", "--repo", str(repo))  # no point uses the stray object, and no index names it
+    assert r.returncode == 0 and "1 pack(s) removed" in r.stdout, r.stdout + r.stderr
+    assert lr("repair-index", "--repo", str(repo)).returncode == 0
 
 
 def test_encrypted_packs_are_rebuilt_from_their_sealed_trailers_and_without_one_nothing_is_removed(
@@ -160,4 +167,5 @@ def test_encrypted_packs_are_rebuilt_from_their_sealed_trailers_and_without_one_
     r = lr("repair-index", "--repo", str(repo), password=pw)
     assert r.returncode == 1 and f"UNREADABLE: pack {pack}:" in r.stderr and "cannot be told apart" in r.stderr
     assert "removed 0 of 1 damaged index object(s)" in r.stdout and "Traceback" not in r.stderr
+    assert "the 1 damaged index object(s) stay until they can" in r.stderr
     assert index.exists()  # what it named may be in that pack: it stays

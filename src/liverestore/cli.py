@@ -406,8 +406,9 @@ def repair_index(repo_path: str, dry_run: bool) -> None:
         click.echo(f"indexed {r.packs_indexed} pack(s) holding {r.chunks_indexed} chunk(s) that no readable index "
                    f"object named; removed {r.damaged_removed} of {len(r.damaged)} damaged index object(s)")  # fmt: skip
     if not r.ok:
-        raise LiverestoreError(f"{len(r.unreadable_packs)} pack(s) could not be read; the damaged index objects "
-                               "stay until they can (chunks they named may be there)")  # fmt: skip
+        kept = (f"the {len(r.damaged)} damaged index object(s) stay until they can (chunks they named may be there)"
+                if r.damaged else "every other pack is indexed")  # fmt: skip
+        raise LiverestoreError(f"{len(r.unreadable_packs)} pack(s) could not be read (UNREADABLE above); {kept}")
 
 
 @cli.command()
