@@ -330,3 +330,54 @@ def test_destination_filling_up_mid_relocation_keeps_the_domain_running(
     fill_destination_mid_relocation(Repository.open(domain_backup.repo), domain_backup.name, name, base, "libvirt")
     xml = virsh("dumpxml", name)
     assert domain_state(name) == "shut off" and "nbd" not in xml and str(base / "small" / "primary") in xml
+
+
+def test_a_copy_node_qemu_left_behind_moves_the_guest_to_a_fresh_qemu_and_relocation_completes(
+    domain_backup: DomainBackup, domains: list[str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """QEMU 7.2 (Debian 12) sometimes leaves a failed block copy's filter node on the disk's top
+    node (seen after a copy met a full destination); every later copy of that disk is then refused
+    ("Need a root block node") and the restore retried forever. Here such a parent is put on vda's
+    top node before the first copy; the guest is moved to a fresh QEMU process and the relocation
+    completes, with the guest's own writes kept and every payload file right."""
+    from liverestore.hypervisor.libvirt_driver import LibvirtVM
+
+    name = unique_name("stale")
+    domains.append(name)
+    base = domain_backup.base / name
+    base.mkdir(mode=0o755)
+    arm = LibvirtVM._arm_nbd_reconnect
+    pids: list[int | None] = []
+
+    async def arm_then_leave_a_stale_parent(vm: LibvirtVM) -> None:
+        await arm(vm)
+        pids.append(vm.pid)
+        if len(pids) == 1:  # at launch: what a failed copy leaves, a node above vda's top one
+            top = next(b["inserted"]["node-name"] for b in await vm._qmp("query-block")
+                       if "virtio-disk0" in b.get("qdev", ""))  # fmt: skip
+            await vm._qmp("blockdev-add", {"driver": "raw", "node-name": "stale-vda", "file": top, "read-only": True})
+
+    monkeypatch.setattr(LibvirtVM, "_arm_nbd_reconnect", arm_then_leave_a_stale_parent)
+    opts = RestoreOptions(vm=domain_backup.name, dest=base / "primary", cache_dir=base / "cache", use_profile=False,
+                          record_profile=False, boot_marker="BOOT-OK", hypervisor="libvirt", name=name)  # fmt: skip
+
+    async def go() -> str:
+        job = InstantRestore(Repository.open(domain_backup.repo), opts)
+        try:
+            report = await asyncio.wait_for(job.run(), 300)
+            vm = job.vm
+            assert vm is not None and vm.running and report.relocated and not report.relocation_failures
+            mark = len(vm.serial_output())
+            await vm.send_console("verify")  # every payload file re-read, from the relocated disk
+            await vm.wait_for_console("VERIFY-OK", 120, start=mark)
+            return vm.serial_output()
+        finally:
+            await job.close()
+
+    serial = asyncio.run(go())
+    assert len(pids) == 2 and pids[0] != pids[1]  # a new QEMU process, armed again
+    assert "moving the guest to a fresh QEMU process" in caplog.text and f"{name} runs again" in caplog.text
+    assert "VERIFY-FAIL" not in serial
+    xml = virsh("dumpxml", name)
+    assert domain_state(name) == "shut off" and "nbd" not in xml and str(base / "primary") in xml  # close() stops it
+    assert not list(Path("/var/lib/libvirt/qemu/save").glob(f"liverestore-{name}-*"))  # the saved state removed

@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,6 +33,10 @@ log = logging.getLogger("liverestore.libvirt")
 
 DEFAULT_URI = "qemu:///system"
 PIVOT_READY_WAIT_S = 30.0  # how long a copy libvirt calls "not ready for pivot yet" may take to become ready
+# QEMU 7.2 (Debian 12) sometimes leaves a failed copy's filter node hanging on the disk's top node,
+# and refuses every later copy of that disk with this
+STALE_COPY_NODE = "Need a root block node"
+SAVE_DIR = Path("/var/lib/libvirt/qemu/save")  # libvirt's own place for saved guests
 T = TypeVar("T")
 
 
@@ -317,12 +323,61 @@ class LibvirtVM:
 
     # -- relocation ----------------------------------------------------------------------------
     async def start_relocation(self, destinations: dict[str, Path], fmt: str = "raw") -> None:
-        lv = libvirt_module()
+        """A block copy per disk. One that QEMU refuses because an earlier, failed copy left its
+        node behind (``STALE_COPY_NODE``) can never start in this QEMU process: the guest moves
+        to a fresh one (``_fresh_process``), and the copies start there."""
         self.destinations, self.dest_format = dict(destinations), fmt
+        try:
+            await self._copy_each_disk()
+        except LiverestoreError as e:
+            if STALE_COPY_NODE not in str(e):
+                raise
+            await self.abort_relocation()  # the copies that did start; a saved guest has none
+            self.destinations = dict(destinations)
+            await self._fresh_process()
+            await self._copy_each_disk()
+
+    async def _copy_each_disk(self) -> None:
+        lv = libvirt_module()
         for d in self._from_backup():
-            dest = destinations[d.name]
-            dest_xml = f"<disk type='file'><driver type='{fmt}'/><source file='{dest}'/></disk>"
+            dest = self.destinations[d.name]
+            dest_xml = f"<disk type='file'><driver type='{self.dest_format}'/><source file='{dest}'/></disk>"
             await self._call(self.dom.blockCopy, d.name, dest_xml, None, lv.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)
+
+    async def _fresh_process(self) -> None:
+        """Move the running guest into a new QEMU process: libvirt saves its state (memory and
+        devices; its disk writes are in the overlays) and starts it again from that, within
+        seconds, as a migration would. The new process opens the disks anew, with none of the
+        failed copy's nodes, so the relocation can start. Without this the restore would retry
+        forever, the VM running from the backup. If the save fails, libvirt leaves the guest
+        running; if the start from the saved state fails, the state is kept and the error says
+        how to start it."""
+        assert self.spec is not None
+        lv = libvirt_module()
+        parent = SAVE_DIR if SAVE_DIR.is_dir() else Path(tempfile.gettempdir())
+        need = self.spec.memory_mib * 2**20 + 64 * 2**20
+        if shutil.disk_usage(parent).free < need:
+            raise LiverestoreError(f"{STALE_COPY_NODE}: QEMU kept a failed copy's node on a disk of {self.spec.name}, "
+                                   f"and moving the guest to a fresh QEMU needs {need >> 20} MiB free in {parent} to "
+                                   "save its memory")  # fmt: skip
+        image = Path(tempfile.mkdtemp(prefix=f"liverestore-{self.spec.name}-", dir=parent)) / "guest.save"
+        log.warning("%s: QEMU kept a failed copy's node on its disk and refuses a new copy; moving the guest to a "
+                    "fresh QEMU process (its state saved in %s, a pause of a few seconds)", self.spec.name, image)  # fmt: skip
+        uuid = self.dom.UUIDString()
+        await self._call(self.dom.save, str(image))
+        try:
+            await self._call(self._conn().restoreFlags, str(image), None, lv.VIR_DOMAIN_SAVE_PAUSED)
+        except LiverestoreError as e:
+            raise LiverestoreError(f"{self.spec.name} was saved to {image} to move it to a fresh QEMU, and could not "
+                                   f"start from it ({e}); 'virsh restore {image}' starts it again") from None  # fmt: skip
+        self.dom = await self._call(self._conn().lookupByUUIDString, uuid)
+        try:
+            await self._arm_nbd_reconnect()
+        except LiverestoreError as e:  # it reads the backup as libvirt opened it: no reconnect after an agent restart
+            log.warning("%s: %s; it runs on, but cannot outlive a restart of the agent", self.spec.name, e)
+        await self._call(self.dom.resume)
+        shutil.rmtree(image.parent, ignore_errors=True)
+        log.warning("%s runs again, in QEMU pid %s", self.spec.name, self.pid)
 
     def _from_backup(self) -> list[DiskAttachment]:
         """The disks served by the agent (through overlays): what block copy relocates."""
